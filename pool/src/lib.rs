@@ -1,0 +1,1 @@
+//! Reserve-backed locked buffer pool (see README.md).
