@@ -9,12 +9,12 @@ use std::process::ExitCode;
 use ublk_crypt_tests::vm::{vm_or_skip, Vm};
 
 const USAGE: &str = "usage: vm-shell [--mem MIB] [--cpus N] [--disk MIB]... [--tool NAME]... \
-[--binary PATH]... [--file GUEST=HOST]... [--keep] [--run SCRIPT]
+[--binary PATH]... [--file GUEST=HOST]... [--kernel-arg ARG]... [--keep] [--run SCRIPT]
 
 Boots the VM-test kernel under qemu with a shell on this terminal.
 Defaults: --mem 512 --cpus 1, disks of 1024 and 256 MiB (/dev/vda, /dev/vdb), tools
 cryptsetup and fio, and target/release/ublk-crypt when it has been built.
---disk replaces the default disks; --keep keeps the disk images (path printed at start);
+--disk replaces the default disks; --kernel-arg loglevel=8 shows the whole boot log; --keep keeps the disk images (path printed at start);
 --run runs SCRIPT instead of the shell (non-interactive: prints the console, exits with
 the script's status).";
 
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let mut tools = vec!["cryptsetup".to_string(), "fio".to_string()];
     let mut binaries: Vec<PathBuf> = vec![];
     let mut files: Vec<(String, PathBuf)> = vec![];
+    let mut kernel_args: Vec<String> = vec![];
     let mut keep = false;
     let mut script: Option<String> = None;
     let mut args = std::env::args().skip(1);
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
                 };
                 files.push((g.to_string(), PathBuf::from(h)));
             }
+            "--kernel-arg" => kernel_args.push(val("an argument")),
             "--keep" => keep = true,
             "--run" => script = Some(val("a script")),
             "-h" | "--help" => {
@@ -96,6 +98,9 @@ fn main() -> ExitCode {
     for bin in binaries {
         b = b.binary(bin);
     }
+    for a in &kernel_args {
+        b = b.kernel_arg(a);
+    }
     for (g, h) in files {
         b = b.host_file(&g, h);
     }
@@ -103,10 +108,13 @@ fn main() -> ExitCode {
         return match b.timeout(std::time::Duration::from_secs(3600)).run(&s) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("vm-shell: {}", e.output().map_or(e.to_string(), |_| {
-                    // The console was already printed live; only the reason is news.
-                    e.to_string().lines().next().unwrap_or("").to_string()
-                }));
+                eprintln!(
+                    "vm-shell: {}",
+                    e.output().map_or(e.to_string(), |_| {
+                        // The console was already printed live; only the reason is news.
+                        e.to_string().lines().next().unwrap_or("").to_string()
+                    })
+                );
                 ExitCode::FAILURE
             }
         };

@@ -114,7 +114,16 @@ impl Archive {
             ino += 1;
             match node {
                 Node::Dir { mode } => {
-                    header(&mut w, &mut written, ino, S_IFDIR | mode, 2, 0, (0, 0), name)?;
+                    header(
+                        &mut w,
+                        &mut written,
+                        ino,
+                        S_IFDIR | mode,
+                        2,
+                        0,
+                        (0, 0),
+                        name,
+                    )?;
                 }
                 Node::Symlink { target } => {
                     let data = target.as_bytes();
@@ -161,7 +170,16 @@ impl Archive {
                             io::Error::new(e.kind(), format!("{}: {e}", host.display()))
                         })?;
                         let len = f.metadata()?.len();
-                        header(&mut w, &mut written, ino, S_IFREG | mode, 1, len, (0, 0), name)?;
+                        header(
+                            &mut w,
+                            &mut written,
+                            ino,
+                            S_IFREG | mode,
+                            1,
+                            len,
+                            (0, 0),
+                            name,
+                        )?;
                         let copied = io::copy(&mut f, &mut w)?;
                         if copied != len {
                             return Err(io::Error::other(format!(
@@ -184,7 +202,9 @@ fn normalize(path: &str) -> Result<String, String> {
     let rel = path.trim_start_matches('/');
     if !path.starts_with('/')
         || rel.is_empty()
-        || rel.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+        || rel
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
     {
         return Err(format!(
             "initramfs: guest path {path:?} must be absolute and normalized"
@@ -237,7 +257,8 @@ mod tests {
     #[test]
     fn parents_are_implicit_and_collisions_fail() {
         let mut a = Archive::new();
-        a.file("/a/b/c", Source::Bytes(b"x".to_vec()), 0o644).unwrap();
+        a.file("/a/b/c", Source::Bytes(b"x".to_vec()), 0o644)
+            .unwrap();
         assert!(matches!(a.nodes.get("a/b"), Some(Node::Dir { .. })));
         assert!(a
             .file("/a/b/c", Source::Bytes(b"y".to_vec()), 0o644)
@@ -251,7 +272,8 @@ mod tests {
     #[test]
     fn entries_are_4_byte_aligned_and_trailer_terminates() {
         let mut a = Archive::new();
-        a.file("/f", Source::Bytes(b"hello".to_vec()), 0o644).unwrap();
+        a.file("/f", Source::Bytes(b"hello".to_vec()), 0o644)
+            .unwrap();
         a.symlink("/l", "f").unwrap();
         a.add(
             "/dev/console",

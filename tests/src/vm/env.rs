@@ -61,11 +61,15 @@ pub fn vm_or_skip(test: &str) -> bool {
         Ok(_) => true,
         Err(why) if in_ci() => panic!("VM test {test} cannot run in CI: {why}"),
         Err(why) => {
+            // Straight to fd 2, not eprintln!: libtest captures eprintln! of passing tests,
+            // and a skip must be seen.
+            use std::io::Write;
             let bar = "#".repeat(78);
-            eprintln!(
+            let msg = format!(
                 "\n{bar}\n#  SKIPPED VM TEST: {test}\n#  {}\n#  (in CI, with CI set, this is a failure)\n{bar}\n",
                 why.replace('\n', "\n#  ")
             );
+            let _ = std::io::stderr().write_all(msg.as_bytes());
             false
         }
     }
@@ -88,9 +92,11 @@ fn provision() -> Result<VmEnv, String> {
     let cache = cache_dir();
     fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
     let qemu = match std::env::var_os("UBLK_CRYPT_QEMU") {
-        Some(q) => PathBuf::from(q),
-        None => find_program("qemu-system-x86_64")
-            .ok_or("qemu-system-x86_64 not found (scripts/install-deps installs qemu-system-x86)")?,
+        Some(q) => find_program(&q.to_string_lossy())
+            .ok_or_else(|| format!("UBLK_CRYPT_QEMU={} is not a program", q.to_string_lossy()))?,
+        None => find_program("qemu-system-x86_64").ok_or(
+            "qemu-system-x86_64 not found (scripts/install-deps installs qemu-system-x86)",
+        )?,
     };
     let busybox = find_program("busybox")
         .ok_or("busybox not found (scripts/install-deps installs busybox-static)")?;
@@ -100,8 +106,8 @@ fn provision() -> Result<VmEnv, String> {
             busybox.display()
         ));
     }
-    let mke2fs =
-        find_program("mke2fs").ok_or("mke2fs not found (scripts/install-deps installs e2fsprogs)")?;
+    let mke2fs = find_program("mke2fs")
+        .ok_or("mke2fs not found (scripts/install-deps installs e2fsprogs)")?;
     let kernel_root = match std::env::var_os("UBLK_CRYPT_VM_KERNEL_DIR") {
         Some(d) => PathBuf::from(d),
         None => fetch_kernel(&cache)?,
@@ -128,8 +134,15 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(
-            ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-                .map(PathBuf::from),
+            [
+                "/usr/local/sbin",
+                "/usr/local/bin",
+                "/usr/sbin",
+                "/usr/bin",
+                "/sbin",
+                "/bin",
+            ]
+            .map(PathBuf::from),
         )
         .map(|d| d.join(name))
         .find(|p| {
@@ -179,7 +192,12 @@ fn fetch_kernel(cache: &Path) -> Result<PathBuf, String> {
         let dl = kdir.join("download.tmp");
         let _ = fs::remove_dir_all(&dl);
         fs::create_dir_all(&dl).map_err(|e| format!("creating {}: {e}", dl.display()))?;
-        run_checked(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
+        run_checked(
+            Command::new("apt-get")
+                .arg("download")
+                .arg(&pkg)
+                .current_dir(&dl),
+        )?;
         let deb = fs::read_dir(&dl)
             .map_err(|e| e.to_string())?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -253,9 +271,7 @@ fn locate_kernel(root: &Path) -> Result<(PathBuf, PathBuf, String), String> {
 }
 
 pub(crate) fn run_checked(cmd: &mut Command) -> Result<std::process::Output, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{cmd:?} failed ({}):\n{}{}",
@@ -278,11 +294,12 @@ pub(crate) fn lock_file(path: &Path) -> Result<fs::File, String> {
     match f.try_lock() {
         Ok(()) => return Ok(f),
         Err(fs::TryLockError::WouldBlock) => {
-            eprintln!("vm: waiting for lock {} (another test or process holds it)", path.display());
+            eprintln!(
+                "vm: waiting for lock {} (another test or process holds it)",
+                path.display()
+            );
         }
-        Err(fs::TryLockError::Error(e)) => {
-            return Err(format!("locking {}: {e}", path.display()))
-        }
+        Err(fs::TryLockError::Error(e)) => return Err(format!("locking {}: {e}", path.display())),
     }
     f.lock()
         .map_err(|e| format!("locking {}: {e}", path.display()))?;

@@ -78,7 +78,9 @@ fn visit(
     let (deps, pre) = modinfo_deps(&data);
     for d in deps.iter() {
         if !index.contains_key(&norm(d)) && !builtin.contains(&norm(d)) {
-            return Err(format!("module {name} depends on {d}, which this kernel lacks"));
+            return Err(format!(
+                "module {name} depends on {d}, which this kernel lacks"
+            ));
         }
     }
     for d in pre.iter().chain(deps.iter()) {

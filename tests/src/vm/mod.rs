@@ -84,7 +84,10 @@ impl Vm {
             binaries: vec![],
             host_tools: vec![],
             files: vec![],
-            modules: kmod::DEFAULT_MODULES.iter().map(|m| m.to_string()).collect(),
+            modules: kmod::DEFAULT_MODULES
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
             kernel_args: vec![],
             stall_timeout: Duration::from_secs(60),
             timeout: Duration::from_secs(300),
@@ -172,8 +175,11 @@ impl VmBuilder {
     /// Puts `contents` at `guest_path` (mode 0644). Paths under `/usr` go onto the `/usr`
     /// disk; paths hidden by mounts (`/proc`, `/sys`, `/dev`, `/run`, `/tmp`) are refused.
     pub fn file(mut self, guest_path: &str, contents: impl Into<Vec<u8>>) -> Self {
-        self.files
-            .push((guest_path.to_string(), Source::Bytes(contents.into()), 0o644));
+        self.files.push((
+            guest_path.to_string(),
+            Source::Bytes(contents.into()),
+            0o644,
+        ));
         self
     }
 
@@ -261,7 +267,13 @@ impl VmBuilder {
         });
         let mut s: String = raw
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         s.truncate(60);
         s
@@ -316,12 +328,8 @@ impl VmBuilder {
             }
             add_libs(bin, &mut usr).map_err(setup)?;
             let name = bin.file_name().unwrap().to_string_lossy();
-            ar.file(
-                &format!("/vm/bin/{name}"),
-                Source::Host(bin.clone()),
-                0o755,
-            )
-            .map_err(setup)?;
+            ar.file(&format!("/vm/bin/{name}"), Source::Host(bin.clone()), 0o755)
+                .map_err(setup)?;
         }
         for (guest, source, mode) in &self.files {
             const HIDDEN: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp", "/vm"];
@@ -360,8 +368,16 @@ impl VmBuilder {
             )?;
             ar.file("/bin/busybox", Source::Host(env.busybox.clone()), 0o755)?;
             ar.file("/init", Source::Bytes(init.into_bytes()), 0o755)?;
-            ar.file("/vm/lib.sh", Source::Bytes(GUEST_LIB.as_bytes().to_vec()), 0o644)?;
-            ar.file("/vm/script.sh", Source::Bytes(full_script.into_bytes()), 0o755)?;
+            ar.file(
+                "/vm/lib.sh",
+                Source::Bytes(GUEST_LIB.as_bytes().to_vec()),
+                0o644,
+            )?;
+            ar.file(
+                "/vm/script.sh",
+                Source::Bytes(full_script.into_bytes()),
+                0o755,
+            )?;
             for m in &modules {
                 ar.file(
                     &format!("/vm/modules/{}.ko", m.name),
@@ -381,7 +397,9 @@ impl VmBuilder {
             for (p, c) in etc {
                 ar.file(p, Source::Bytes(c.as_bytes().to_vec()), 0o644)?;
             }
-            for d in ["/proc", "/sys", "/run", "/tmp", "/usr", "/root", "/mnt", "/dev"] {
+            for d in [
+                "/proc", "/sys", "/run", "/tmp", "/usr", "/root", "/mnt", "/dev",
+            ] {
                 ar.dir(d)?;
             }
             Ok(())
@@ -548,15 +566,22 @@ fn qemu_command(b: &VmBuilder, prep: &Prepared, interactive: bool) -> Command {
         append.push(' ');
         append.push_str(a);
     }
-    cmd.args(["-nodefaults", "-no-user-config", "-machine", "q35", "-cpu", "max"])
-        .args(["-smp", &b.cpus.to_string(), "-m", &b.memory_mib.to_string()])
-        .args(["-no-reboot", "-display", "none"])
-        .args(["-serial", if interactive { "mon:stdio" } else { "stdio" }])
-        .arg("-kernel")
-        .arg(&prep.env.kernel)
-        .arg("-initrd")
-        .arg(&prep.initramfs)
-        .args(["-append", &append]);
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-machine",
+        "q35",
+        "-cpu",
+        "max",
+    ])
+    .args(["-smp", &b.cpus.to_string(), "-m", &b.memory_mib.to_string()])
+    .args(["-no-reboot", "-display", "none"])
+    .args(["-serial", if interactive { "mon:stdio" } else { "stdio" }])
+    .arg("-kernel")
+    .arg(&prep.env.kernel)
+    .arg("-initrd")
+    .arg(&prep.initramfs)
+    .args(["-append", &append]);
     for (i, d) in prep.run.disks.iter().enumerate() {
         let cache = if d.direct { "none" } else { "writeback" };
         cmd.args([
@@ -830,12 +855,10 @@ fn clean(bytes: &[u8]) -> String {
 fn is_kernel_line(line: &str) -> bool {
     let t = line.trim_start();
     t.starts_with('[')
-        && t[1..]
-            .split_once(']')
-            .is_some_and(|(ts, _)| {
-                let ts = ts.trim();
-                !ts.is_empty() && ts.chars().all(|c| c.is_ascii_digit() || c == '.')
-            })
+        && t[1..].split_once(']').is_some_and(|(ts, _)| {
+            let ts = ts.trim();
+            !ts.is_empty() && ts.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
 }
 
 /// The run directory: `<target>/vm-runs/<name>-<pid>-<n>/`, holding the initramfs, the
@@ -956,9 +979,14 @@ impl VmOutput {
             .lines()
             .filter(|l| {
                 is_kernel_line(l)
-                    && ["WARNING:", "BUG:", "Call Trace:", "possible circular locking"]
-                        .iter()
-                        .any(|k| l.contains(k))
+                    && [
+                        "WARNING:",
+                        "BUG:",
+                        "Call Trace:",
+                        "possible circular locking",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
             })
             .collect()
     }
@@ -998,20 +1026,32 @@ pub enum VmError {
     /// Building the initramfs, images or disks failed, or the request was invalid.
     Setup(String),
     /// The guest's `/init` failed before the script (module load, `/usr` mount).
-    InitFailed { reason: String, output: Box<VmOutput> },
+    InitFailed {
+        reason: String,
+        output: Box<VmOutput>,
+    },
     /// The script exited non-zero.
     ScriptFailed { code: i32, output: Box<VmOutput> },
     /// The kernel panicked (including oops, hung task, soft lockup).
-    KernelPanic { reason: String, output: Box<VmOutput> },
+    KernelPanic {
+        reason: String,
+        output: Box<VmOutput>,
+    },
     /// No console output for longer than the stall timeout; qemu was killed.
     Stall {
         silent_for: Duration,
         output: Box<VmOutput>,
     },
     /// The overall timeout passed; qemu was killed.
-    Timeout { after: Duration, output: Box<VmOutput> },
+    Timeout {
+        after: Duration,
+        output: Box<VmOutput>,
+    },
     /// qemu ended without the guest reporting an exit status.
-    QemuExited { status: String, output: Box<VmOutput> },
+    QemuExited {
+        status: String,
+        output: Box<VmOutput>,
+    },
 }
 
 impl VmError {
@@ -1081,10 +1121,7 @@ mod tests {
     #[test]
     fn markers_and_cleaning() {
         assert_eq!(marker("@@VM-EXIT 3@@", "@@VM-EXIT"), Some("3"));
-        assert_eq!(
-            marker("[ 1.0] foo@@VM-EXIT 0@@", "@@VM-EXIT"),
-            Some("0")
-        );
+        assert_eq!(marker("[ 1.0] foo@@VM-EXIT 0@@", "@@VM-EXIT"), Some("0"));
         assert_eq!(marker("@@VM-EXIT 3", "@@VM-EXIT"), None);
         assert_eq!(clean(b"\x1bc\x1b[?7l\x1b[2Jhello\r"), "hello");
         assert!(is_kernel_line("[    2.350930] device-mapper: ready"));

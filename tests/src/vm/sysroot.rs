@@ -39,8 +39,8 @@ pub fn guest_path(host: &Path) -> Result<String, String> {
     let parent = host
         .parent()
         .ok_or_else(|| format!("{} has no parent", host.display()))?;
-    let parent = fs::canonicalize(parent)
-        .map_err(|e| format!("resolving {}: {e}", parent.display()))?;
+    let parent =
+        fs::canonicalize(parent).map_err(|e| format!("resolving {}: {e}", parent.display()))?;
     let p = parent.join(host.file_name().unwrap());
     let s = p.to_string_lossy().into_owned();
     if !s.starts_with("/usr/") {
@@ -62,8 +62,7 @@ pub fn libraries(elf: &Path) -> Result<Vec<PathBuf>, String> {
     if !out.status.success() {
         // "not a dynamic executable" (static binary or script) is fine; anything else is not.
         let err = String::from_utf8_lossy(&out.stderr);
-        if text.contains("not a dynamic executable") || err.contains("not a dynamic executable")
-        {
+        if text.contains("not a dynamic executable") || err.contains("not a dynamic executable") {
             return Ok(vec![]);
         }
         return Err(format!("ldd {} failed: {text}{err}", elf.display()));
@@ -108,7 +107,10 @@ pub fn image(env: &VmEnv, files: &[UsrFile]) -> Result<PathBuf, String> {
     let _ = fs::remove_dir_all(&stage);
     let mut bytes = 0u64;
     for f in &files {
-        let rel = f.guest.strip_prefix("/usr/").expect("guest paths are under /usr");
+        let rel = f
+            .guest
+            .strip_prefix("/usr/")
+            .expect("guest paths are under /usr");
         let dst = stage.join(rel);
         fs::create_dir_all(dst.parent().unwrap()).map_err(|e| e.to_string())?;
         match &f.source {
@@ -119,9 +121,12 @@ pub fn image(env: &VmEnv, files: &[UsrFile]) -> Result<PathBuf, String> {
                 b.len() as u64
             }
         };
-        fs::set_permissions(&dst, fs::Permissions::from_mode(f.mode))
-            .map_err(|e| e.to_string())?;
-        bytes += fs::metadata(&dst).map_err(|e| e.to_string())?.len().div_ceil(4096) * 4096;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(f.mode)).map_err(|e| e.to_string())?;
+        bytes += fs::metadata(&dst)
+            .map_err(|e| e.to_string())?
+            .len()
+            .div_ceil(4096)
+            * 4096;
     }
     // Room for ext2 metadata (inode tables, block bitmaps, indirect blocks).
     let mib = (bytes + bytes / 8).div_ceil(1 << 20) + 8;
@@ -129,7 +134,18 @@ pub fn image(env: &VmEnv, files: &[UsrFile]) -> Result<PathBuf, String> {
     let _ = fs::remove_file(&tmp);
     run_checked(
         Command::new(&env.mke2fs)
-            .args(["-q", "-F", "-t", "ext2", "-m", "0", "-L", "vm-usr", "-E", "root_owner=0:0"])
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext2",
+                "-m",
+                "0",
+                "-L",
+                "vm-usr",
+                "-E",
+                "root_owner=0:0",
+            ])
             .arg("-d")
             .arg(&stage)
             .arg(&tmp)
