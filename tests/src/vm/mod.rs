@@ -566,6 +566,10 @@ fn qemu_command(b: &VmBuilder, prep: &Prepared, interactive: bool) -> Command {
         append.push(' ');
         append.push_str(a);
     }
+    // TCG unless asked otherwise: this project's hosts expose a /dev/kvm that makes qemu
+    // abort ("failed to set MSR"), so KVM is never picked up automatically.
+    let accel = std::env::var("UBLK_CRYPT_VM_ACCEL").unwrap_or_else(|_| "tcg".into());
+    cmd.args(["-accel", &accel]);
     cmd.args([
         "-nodefaults",
         "-no-user-config",
