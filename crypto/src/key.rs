@@ -36,7 +36,8 @@ impl Key {
 
     /// cryptsetup plain mode's passphrase processing (`crypt_plain_hash`), byte for byte:
     /// the key is `H(pass) ‖ H("A"‖pass) ‖ H("AA"‖pass) ‖ …` truncated to `key_len`; with
-    /// `hash:N` only N bytes are hashed and the rest is zero; `plain` copies the passphrase.
+    /// `hash:N` only N bytes are hashed and the rest is zero; `plain` copies the passphrase,
+    /// truncated or zero-padded.
     pub fn from_passphrase(
         hash: PassphraseHash,
         passphrase: &[u8],
@@ -54,10 +55,17 @@ impl Key {
         let mut key = Key::zeroed(key_len);
         let out = &mut key.bytes[..hashed_len];
         match hash.alg {
+            // `--hash plain` is no hash at all (cryptsetup's process_key): the passphrase is
+            // truncated or zero-padded to the key size. `plain:N` goes through
+            // crypt_plain_hash, which insists on N bytes.
+            HashAlg::Plain if hash.len.is_none() => {
+                let n = passphrase.len().min(hashed_len);
+                out[..n].copy_from_slice(&passphrase[..n]);
+            }
             HashAlg::Plain => {
                 if passphrase.len() < hashed_len {
                     return Err(CryptoError::Passphrase(format!(
-                        "with --hash plain the passphrase must be at least {hashed_len} bytes"
+                        "with --hash plain:{hashed_len} the passphrase must be at least {hashed_len} bytes"
                     )));
                 }
                 out.copy_from_slice(&passphrase[..hashed_len]);
@@ -208,11 +216,14 @@ mod tests {
     }
 
     #[test]
-    fn plain_hash_copies_and_rejects_short() {
+    fn plain_hash_copies_pads_and_plain_n_rejects_short() {
         let h: PassphraseHash = "plain".parse().unwrap();
         let k = Key::from_passphrase(h, b"0123456789abcdef-extra", 16).unwrap();
         assert_eq!(k.as_bytes(), b"0123456789abcdef");
-        assert!(Key::from_passphrase(h, b"short", 16).is_err());
+        let k = Key::from_passphrase(h, b"short", 8).unwrap();
+        assert_eq!(k.as_bytes(), b"short\0\0\0");
+        let h16: PassphraseHash = "plain:16".parse().unwrap();
+        assert!(Key::from_passphrase(h16, b"short", 16).is_err());
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl SectorLayout {
             return Err(CryptoError::SectorSize(self.sector_size));
         }
         let units = u64::from(self.sector_size >> SECTOR_SHIFT);
-        if self.iv_large_sectors && self.iv_offset % units != 0 {
+        if self.iv_large_sectors && !self.iv_offset.is_multiple_of(units) {
             return Err(CryptoError::IvOffsetAlignment {
                 iv_offset: self.iv_offset,
                 sector_size: self.sector_size,
@@ -161,7 +161,7 @@ impl SectorCipher {
     fn crypt(&self, sector: u64, data: &mut [u8], encrypt: bool) -> Result<(), CryptoError> {
         let ss = self.sector_size();
         let units = (ss >> SECTOR_SHIFT) as u64;
-        if data.len() % ss != 0 || sector % units != 0 {
+        if !data.len().is_multiple_of(ss) || !sector.is_multiple_of(units) {
             return Err(CryptoError::Misaligned {
                 sector,
                 len: data.len(),

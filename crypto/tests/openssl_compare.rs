@@ -27,7 +27,13 @@ impl Rng {
     }
 }
 
-fn openssl_crypt(cipher: Cipher, mode: Mode, key: &[u8], iv: Option<&[u8]>, data: &[u8]) -> Vec<u8> {
+fn openssl_crypt(
+    cipher: Cipher,
+    mode: Mode,
+    key: &[u8],
+    iv: Option<&[u8]>,
+    data: &[u8],
+) -> Vec<u8> {
     let mut c = Crypter::new(cipher, mode, key, iv).unwrap();
     c.pad(false);
     let mut out = vec![0u8; data.len() + 16];
@@ -100,7 +106,8 @@ fn matches_openssl_sector_by_sector() {
                             _ => rng.next() >> 8,
                         } / units
                             * units;
-                        let sectors = 1 + rng.below(if sector_size == 512 { 40 } else { 12 }) as usize;
+                        let sectors =
+                            1 + rng.below(if sector_size == 512 { 40 } else { 12 }) as usize;
                         let mut data = vec![0u8; sectors * sector_size as usize];
                         rng.fill(&mut data);
                         check_case(spec_str, spec, &key, layout, start, &data);
@@ -142,7 +149,10 @@ fn check_case(
         );
     }
     ours.decrypt(start, &mut buf).unwrap();
-    assert!(buf == plain, "{spec_str} {layout:?}: decrypt did not round-trip");
+    assert!(
+        buf == plain,
+        "{spec_str} {layout:?}: decrypt did not round-trip"
+    );
 }
 
 #[test]
@@ -152,7 +162,10 @@ fn large_io_equals_sector_by_sector_calls() {
     for spec_str in CipherSpec::SUPPORTED {
         let spec: CipherSpec = spec_str.parse().unwrap();
         for ss in [512usize, 4096] {
-            let layout = SectorLayout { sector_size: ss as u32, ..Default::default() };
+            let layout = SectorLayout {
+                sector_size: ss as u32,
+                ..Default::default()
+            };
             let mut key = vec![0u8; spec.allowed_key_bits()[0] / 8];
             rng.fill(&mut key);
             let c = SectorCipher::new(spec, &Key::from_bytes(&key), layout).unwrap();

@@ -1,0 +1,257 @@
+//! The backing store: a block device or a regular file holding the ciphertext.
+//!
+//! It is opened with `O_DIRECT` so that writes under memory pressure never need page-cache
+//! pages (the whole point of a swap device is that there are none to spare), and exclusively:
+//! `O_EXCL` on a block device (fails if it is mounted or held by dm-crypt or another
+//! ublk-crypt), a non-blocking `flock` on a file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+
+pub struct Backing {
+    /// Held open for the device's lifetime; for a file, the `Flock` keeps it exclusive.
+    handle: Handle,
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    pub block_device: bool,
+    /// The backing's logical block size: O_DIRECT IO must be aligned to it.
+    pub logical_block_size: u32,
+    /// Whether `O_DIRECT` is in effect (tmpfs and some file systems refuse it).
+    pub direct: bool,
+}
+
+enum Handle {
+    Device(File),
+    File(Flock<File>),
+}
+
+impl Backing {
+    pub fn open(path: &Path, readonly: bool) -> Result<Backing> {
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("backing {} does not exist", path.display())
+            }
+            _ => anyhow::anyhow!("cannot stat backing {}: {e}", path.display()),
+        })?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.file_type().is_file() {
+            bail!(
+                "backing {} is neither a block device nor a regular file",
+                path.display()
+            );
+        }
+        let open = |direct: bool| {
+            let mut flags = 0;
+            if direct {
+                flags |= libc::O_DIRECT;
+            }
+            if block_device {
+                flags |= libc::O_EXCL;
+            }
+            OpenOptions::new()
+                .read(true)
+                .write(!readonly)
+                .custom_flags(flags | libc::O_CLOEXEC)
+                .open(path)
+        };
+        let (mut file, direct) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !block_device => {
+                tracing::warn!(
+                    "{} does not support O_DIRECT; using buffered IO (not safe for swap under memory pressure)",
+                    path.display()
+                );
+                (open(false)?, false)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(
+                "backing {} is in use (mounted, or held by dm-crypt or another ublk-crypt)",
+                path.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open backing {}", path.display()))
+            }
+        };
+        let size = file
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("cannot size backing {}", path.display()))?;
+        let logical_block_size = if block_device {
+            logical_block_size(meta.rdev()).unwrap_or(512)
+        } else {
+            512
+        };
+        let handle = if block_device {
+            Handle::Device(file)
+        } else {
+            Handle::File(
+                Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                    if e == nix::errno::Errno::EWOULDBLOCK {
+                        anyhow::anyhow!(
+                            "backing {} is in use by another ublk-crypt (it holds its lock)",
+                            path.display()
+                        )
+                    } else {
+                        anyhow::anyhow!("cannot lock backing {}: {e}", path.display())
+                    }
+                })?,
+            )
+        };
+        Ok(Backing {
+            handle,
+            path: path.to_path_buf(),
+            size,
+            block_device,
+            logical_block_size,
+            direct,
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        match &self.handle {
+            Handle::Device(f) => f,
+            Handle::File(f) => f,
+        }
+    }
+}
+
+/// `/sys/dev/block/MAJ:MIN/queue/logical_block_size`, or the parent's for a partition.
+fn logical_block_size(rdev: u64) -> Option<u32> {
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+    let base = PathBuf::from(format!("/sys/dev/block/{maj}:{min}"));
+    for p in [
+        base.join("queue/logical_block_size"),
+        base.join("../queue/logical_block_size"),
+    ] {
+        if let Ok(s) = std::fs::read_to_string(&p) {
+            if let Ok(v) = s.trim().parse() {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+/// Where the encrypted data lives on the backing and how big the device is, validated the way
+/// dm-crypt validates its table line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Byte offset of device sector 0 on the backing (`--offset` × 512).
+    pub data_offset: u64,
+    /// Device size in bytes.
+    pub size: u64,
+}
+
+impl Geometry {
+    pub fn new(
+        backing_size: u64,
+        offset_sectors: u64,
+        size_sectors: Option<u64>,
+        sector_size: u32,
+        backing_block_size: u32,
+        path: &Path,
+    ) -> Result<Geometry> {
+        let ss = u64::from(sector_size);
+        let data_offset = offset_sectors
+            .checked_mul(512)
+            .context("--offset is too large")?;
+        if data_offset >= backing_size {
+            bail!(
+                "--offset {offset_sectors} sectors is past the end of {} ({} sectors)",
+                path.display(),
+                backing_size / 512
+            );
+        }
+        if data_offset % ss != 0 {
+            bail!("--offset {offset_sectors} sectors is not a multiple of the {sector_size}-byte sector size");
+        }
+        let available = backing_size - data_offset;
+        let size = match size_sectors {
+            Some(s) => {
+                let bytes = s.checked_mul(512).context("--size is too large")?;
+                if bytes > available {
+                    bail!(
+                        "--size {s} sectors exceeds what {} holds after the offset ({} sectors)",
+                        path.display(),
+                        available / 512
+                    );
+                }
+                bytes
+            }
+            None => available,
+        };
+        if size < ss {
+            bail!(
+                "backing {} is too small: {size} bytes after the offset, less than one {sector_size}-byte sector",
+                path.display()
+            );
+        }
+        if size % ss != 0 {
+            bail!(
+                "backing {} data area ({size} bytes) is not a multiple of the {sector_size}-byte sector size",
+                path.display()
+            );
+        }
+        if sector_size < backing_block_size {
+            bail!(
+                "--sector-size {sector_size} is smaller than the logical block size of {} ({backing_block_size}); use --sector-size {backing_block_size}",
+                path.display()
+            );
+        }
+        Ok(Geometry { data_offset, size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(size: u64, off: u64, sz: Option<u64>, ss: u32) -> Result<Geometry> {
+        Geometry::new(size, off, sz, ss, 512, Path::new("/b"))
+    }
+
+    #[test]
+    fn geometry_like_dm_crypt() {
+        assert_eq!(geo(1 << 20, 0, None, 512).unwrap().size, 1 << 20);
+        let g = geo(1 << 20, 8, None, 4096).unwrap();
+        assert_eq!((g.data_offset, g.size), (4096, (1 << 20) - 4096));
+        assert_eq!(geo(1 << 20, 0, Some(100), 512).unwrap().size, 51200);
+    }
+
+    #[test]
+    fn geometry_errors_name_the_problem() {
+        let e = |r: Result<Geometry>| r.unwrap_err().to_string();
+        assert!(e(geo(1 << 20, 4096, None, 512)).contains("past the end"));
+        assert!(e(geo(1 << 20, 1, None, 4096)).contains("not a multiple"));
+        assert!(e(geo((1 << 20) + 512, 0, None, 4096)).contains("not a multiple of the 4096"));
+        assert!(e(geo(1 << 20, 0, Some(1 << 20), 512)).contains("exceeds"));
+        assert!(e(geo(1024, 0, None, 4096)).contains("too small"));
+        let r = Geometry::new(1 << 20, 0, None, 512, 4096, Path::new("/b"));
+        assert!(e(r).contains("logical block size"));
+    }
+
+    #[test]
+    fn missing_backing_is_a_clear_error() {
+        let e = Backing::open(Path::new("/nonexistent/backing"), false)
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "backing /nonexistent/backing does not exist");
+    }
+
+    #[test]
+    fn a_file_backing_is_exclusive() {
+        let p = std::env::temp_dir().join(format!("ublk-crypt-backing-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let first = Backing::open(&p, false).unwrap();
+        assert_eq!(first.size, 8192);
+        let e = Backing::open(&p, false).err().unwrap().to_string();
+        assert!(e.contains("in use"), "{e}");
+        drop(first);
+        assert!(Backing::open(&p, false).is_ok());
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,218 @@
+//! The command line. Option names follow `cryptsetup open --type plain` wherever one exists, so
+//! the same arguments give the same volume under dm-crypt and under ublk-crypt.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{control, recovery, target};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ublk-crypt",
+    version,
+    about = "Encrypted block device over ublk, dm-crypt (plain mode) compatible, safe to swap on",
+    long_about = "Serves /dev/ublkbN, encrypting every write and decrypting every read, storing \
+                  exactly what `cryptsetup open --type plain` with the same options would store. \
+                  Its IO path runs from a preallocated, locked buffer pool and survives OOM \
+                  pressure, so it can back encrypted swap."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open an encrypted device over BACKING and print its path (/dev/ublkbN).
+    Open(Box<OpenArgs>),
+    /// Stop serving a device and delete it (its key is forgotten).
+    Close {
+        /// Device name, id, or /dev/ublkbN path.
+        device: String,
+    },
+    /// List the devices served by ublk-crypt.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-queue IO counts, bytes, pool use, waits and errors of a device.
+    Status {
+        /// Device name, id, or /dev/ublkbN path.
+        device: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-attach a new daemon to a device whose daemon died (its IO waits meanwhile).
+    Recover {
+        /// Device name, id, or /dev/ublkbN path.
+        device: String,
+        /// Stay in the foreground (for systemd, Type=notify).
+        #[arg(long)]
+        foreground: bool,
+    },
+}
+
+/// `ublk-crypt open`.
+#[derive(Args, Debug, Clone)]
+pub struct OpenArgs {
+    /// Backing block device or file that holds the ciphertext.
+    pub backing: PathBuf,
+
+    /// Name used by `close`, `status` and `list` (default: ublk-crypt<ID>).
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// ublk device id (N in /dev/ublkbN); default: the kernel picks one. If device N exists
+    /// and its daemon died, this re-attaches to it (systemd restart) instead of failing.
+    #[arg(long)]
+    pub id: Option<u32>,
+
+    /// dm-crypt cipher spec: aes-xts-plain64, aes-xts-plain, aes-xts-plain64be,
+    /// aes-cbc-essiv:sha256.
+    #[arg(long, short = 'c', default_value = "aes-xts-plain64")]
+    pub cipher: String,
+
+    /// Key size in bits (256 or 512 for XTS; 128, 192 or 256 for CBC).
+    #[arg(long, short = 's', default_value_t = 512)]
+    pub key_size: usize,
+
+    /// Read the key from this file (raw, not hashed, as cryptsetup plain does);
+    /// `-` reads standard input and hashes it; /dev/urandom gives a fresh random key.
+    /// Without it, a passphrase is read from standard input (up to a newline) and hashed.
+    #[arg(long, short = 'd')]
+    pub key_file: Option<PathBuf>,
+
+    /// Bytes to skip at the start of the key file.
+    #[arg(long, default_value_t = 0)]
+    pub keyfile_offset: u64,
+
+    /// Bytes to read from the key file (default: the key size).
+    #[arg(long, short = 'l')]
+    pub keyfile_size: Option<usize>,
+
+    /// Passphrase hash: sha256, sha512, ripemd160 (cryptsetup's plain default) or plain;
+    /// ignored with a key file, as in cryptsetup.
+    #[arg(long)]
+    pub hash: Option<String>,
+
+    /// Start of the encrypted data on the backing, in 512-byte sectors.
+    #[arg(long, short = 'o', default_value_t = 0)]
+    pub offset: u64,
+
+    /// IV offset in 512-byte sectors (dm-crypt iv_offset).
+    #[arg(long, short = 'p', default_value_t = 0)]
+    pub skip: u64,
+
+    /// Device size in 512-byte sectors (default: the backing from --offset to its end).
+    #[arg(long, short = 'b')]
+    pub size: Option<u64>,
+
+    /// Encryption sector size in bytes: 512, 1024, 2048 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub sector_size: u32,
+
+    /// IV counts sector-size units instead of 512-byte units (dm-crypt iv_large_sectors).
+    #[arg(long)]
+    pub iv_large_sectors: bool,
+
+    /// Pass discards through to the backing (punch hole / BLKDISCARD). Off by default:
+    /// discards reveal which blocks are unused.
+    #[arg(long)]
+    pub allow_discards: bool,
+
+    /// Read-only device.
+    #[arg(long, short = 'r')]
+    pub readonly: bool,
+
+    /// Number of ublk queues (one IO thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+
+    /// Queue depth (in-flight IOs per queue).
+    #[arg(long, default_value_t = 64)]
+    pub depth: u16,
+
+    /// Budget of the locked IO buffer pool, MiB; the daemon never uses more for IO buffers.
+    #[arg(long, default_value_t = 16)]
+    pub pool_mib: usize,
+
+    /// Largest IO the device accepts, KiB (the kernel splits larger ones).
+    #[arg(long, default_value_t = 512)]
+    pub max_io_kib: u32,
+
+    /// Stay in the foreground; under systemd (Type=notify) signal readiness.
+    #[arg(long)]
+    pub foreground: bool,
+
+    /// TEST ONLY: disable the OOM protections (PR_SET_IO_FLUSHER, mlockall, oom_score_adj,
+    /// locked reserve pool) to show what the torture test exercises. Never use in production.
+    #[arg(long, hide = true)]
+    pub test_disable_protections: bool,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Open(args) => target::open(*args),
+        Command::Close { device } => control::close(&device),
+        Command::List { json } => control::list(json),
+        Command::Status { device, json } => control::status(&device, json),
+        Command::Recover { device, foreground } => recovery::recover(&device, foreground),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_modern_dm_crypt() {
+        let cli = Cli::try_parse_from(["ublk-crypt", "open", "/dev/vdb"]).unwrap();
+        let Command::Open(a) = cli.command else {
+            panic!("not open")
+        };
+        assert_eq!(a.cipher, "aes-xts-plain64");
+        assert_eq!(a.key_size, 512);
+        assert_eq!(a.sector_size, 512);
+        assert!(!a.allow_discards && !a.readonly && !a.foreground);
+    }
+
+    #[test]
+    fn cryptsetup_short_options() {
+        let cli = Cli::try_parse_from([
+            "ublk-crypt",
+            "open",
+            "/dev/vdb",
+            "-c",
+            "aes-cbc-essiv:sha256",
+            "-s",
+            "256",
+            "-d",
+            "/k",
+            "-o",
+            "8",
+            "-p",
+            "16",
+            "-r",
+        ])
+        .unwrap();
+        let Command::Open(a) = cli.command else {
+            panic!("not open")
+        };
+        assert_eq!(a.cipher, "aes-cbc-essiv:sha256");
+        assert_eq!((a.key_size, a.offset, a.skip), (256, 8, 16));
+        assert!(a.readonly);
+        assert_eq!(a.key_file.as_deref(), Some(std::path::Path::new("/k")));
+    }
+}

@@ -1,0 +1,134 @@
+//! What keeps the daemon serving swap when the machine has no memory left.
+//!
+//! The failure it prevents: reclaim writes a page to swap, the daemon needs memory to encrypt
+//! it (a page fault on its own swapped-out code, a malloc that enters reclaim, a thread stack
+//! growing), reclaim waits for the swap write, and the machine freezes. So, before serving:
+//! - `mlockall(MCL_CURRENT | MCL_FUTURE)`: none of the daemon's pages can be swapped out;
+//! - `PR_SET_IO_FLUSHER` on every IO thread: the kernel treats its allocations like a block
+//!   driver's (no IO-recursing reclaim, no throttling of its dirty writes);
+//! - `oom_score_adj = -1000`: the OOM killer never picks it;
+//! - stacks pre-faulted to a fixed depth, and threads made with small stacks, so the locked
+//!   footprint stays bounded (each thread's whole stack is locked under `MCL_FUTURE`);
+//! - not dumpable: no core dump or ptrace by non-root ever shows the key or plaintext.
+//!
+//! A missing privilege is a start-up error, never a silent downgrade: a daemon that starts
+//! without these would work until the first OOM, then freeze the machine.
+
+use anyhow::{bail, Context, Result};
+use nix::sys::mman::{mlockall, MlockAllFlags};
+
+/// `PR_SET_IO_FLUSHER` / `PR_GET_IO_FLUSHER` (linux/prctl.h, Linux 5.6); not in the libc crate.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+const PR_GET_IO_FLUSHER: libc::c_int = 58;
+
+/// Stack size of every thread the daemon creates (queue and control threads). Small because
+/// `MCL_FUTURE` locks whole stacks; the IO path is shallow (no recursion, no large frames).
+pub const THREAD_STACK_BYTES: usize = 256 << 10;
+/// How much of its stack each IO thread touches up front, so no page fault happens on the IO
+/// path even if `MCL_FUTURE` were not populating.
+const PREFAULT_STACK_BYTES: usize = 128 << 10;
+
+/// Which protections are on. All of them in production; the torture test switches them off to
+/// show which ones it exercises.
+#[derive(Debug, Clone, Copy)]
+pub struct Protections {
+    pub enabled: bool,
+}
+
+/// Process-wide protections, applied before any IO thread exists.
+pub fn protect_process(p: Protections) -> Result<()> {
+    // Threads inherit nothing of these, but std reads RUST_MIN_STACK once, at the first spawn:
+    // libublk's queue threads (std::thread::spawn) get small stacks too.
+    // SAFETY: called from main before any thread is spawned, so no concurrent env access.
+    std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES.to_string());
+    // One malloc arena: per-thread arenas reserve 64 MiB each, and what they touch gets locked.
+    // SAFETY: mallopt only changes glibc's allocator tuning; called before threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    set_not_dumpable()?;
+    if !p.enabled {
+        tracing::warn!("OOM protections DISABLED (--test-disable-protections): test use only");
+        return Ok(());
+    }
+    std::fs::write("/proc/self/oom_score_adj", "-1000").map_err(|e| {
+        anyhow::anyhow!("cannot set oom_score_adj to -1000: {e} (needs CAP_SYS_RESOURCE)")
+    })?;
+    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE).map_err(|e| {
+        anyhow::anyhow!(
+            "mlockall failed: {e} (needs CAP_IPC_LOCK or a sufficient RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity)"
+        )
+    })?;
+    set_io_flusher().context("on the main thread")?;
+    Ok(())
+}
+
+/// Per-thread protections for every thread that touches IO.
+pub fn protect_io_thread(p: Protections) -> Result<()> {
+    if !p.enabled {
+        return Ok(());
+    }
+    set_io_flusher()?;
+    prefault_stack();
+    Ok(())
+}
+
+fn set_io_flusher() -> Result<()> {
+    // SAFETY: prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) only sets a flag on the calling thread.
+    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if r != 0 {
+        bail!(
+            "prctl(PR_SET_IO_FLUSHER) failed: {} (needs CAP_SYS_RESOURCE)",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn set_not_dumpable() -> Result<()> {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's dumpable flag.
+    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if r != 0 {
+        bail!(
+            "prctl(PR_SET_DUMPABLE, 0) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+#[inline(never)]
+fn prefault_stack() {
+    let mut probe = [0u8; PREFAULT_STACK_BYTES];
+    // Touch one byte per page, through black_box so the writes are not optimized away.
+    for i in (0..PREFAULT_STACK_BYTES).step_by(4096) {
+        probe[i] = 1;
+    }
+    std::hint::black_box(&mut probe);
+}
+
+/// The calling thread's io-flusher flag, for status and tests.
+pub fn is_io_flusher() -> bool {
+    // SAFETY: prctl(PR_GET_IO_FLUSHER) reads a flag of the calling thread.
+    unsafe { libc::prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_thread_protection_sets_the_flag() {
+        // Runs as root in CI; a process without CAP_SYS_RESOURCE must get a clear error.
+        let r = std::thread::spawn(|| {
+            let r = protect_io_thread(Protections { enabled: true });
+            (r.map_err(|e| e.to_string()), is_io_flusher())
+        })
+        .join()
+        .unwrap();
+        match r {
+            (Ok(()), flag) => assert!(flag),
+            (Err(e), _) => assert!(e.contains("CAP_SYS_RESOURCE"), "{e}"),
+        }
+    }
+}

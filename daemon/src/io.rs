@@ -1,0 +1,257 @@
+//! The IO path, top to bottom: fetch → (decrypt | encrypt) → backing IO → commit.
+//!
+//! [`IoPath::handle`] serves one ublk request. The fetch and the commit are libublk's (see
+//! `target.rs`); between them, data moves in pool-sized pieces:
+//!
+//! ```text
+//! WRITE: for each piece: chunk ← pool;  request → chunk (user copy);  encrypt(chunk);  chunk → backing
+//! READ:  for each piece: chunk ← pool;  backing → chunk;  decrypt(chunk);  chunk → request (user copy)
+//! ```
+//!
+//! Plaintext never touches the backing and ciphertext never reaches the request; encryption
+//! happens in the locked pool chunk, never in the caller's pages. Each IO holds at most one
+//! chunk and never waits for the pool while holding one, which is the pool's forward-progress
+//! rule: an IO larger than what is free is processed chunk by chunk with only the queue's
+//! reserve. Nothing here allocates: the request data and the backing are reached through the
+//! two traits below, whose production implementations (user copy on `/dev/ublkcN`, io_uring on
+//! the queue's ring) are syscalls and preallocated ring entries.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ublk_crypt_crypto::SectorCipher;
+use ublk_crypt_pool::{Chunk, Pool};
+
+use crate::stats::QueueCounters;
+
+/// ublk operation codes (`UBLK_IO_OP_*`).
+pub mod op {
+    pub const READ: u32 = 0;
+    pub const WRITE: u32 = 1;
+    pub const FLUSH: u32 = 2;
+    pub const DISCARD: u32 = 3;
+    pub const WRITE_SAME: u32 = 4;
+    pub const WRITE_ZEROES: u32 = 5;
+}
+
+/// One request as ublk describes it (a copy of `ublksrv_io_desc`'s fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoDesc {
+    pub op: u32,
+    /// Start, in 512-byte sectors.
+    pub start_sector: u64,
+    /// Length, in 512-byte sectors.
+    pub nr_sectors: u32,
+}
+
+/// The request's data pages, which live in the kernel; with `UBLK_F_USER_COPY` the daemon
+/// copies them in and out (pread/pwrite on `/dev/ublkcN`).
+pub trait RequestData {
+    /// Copies `buf.len()` bytes of the (write) request, from `offset` in it, into `buf`.
+    fn copy_out(&self, offset: u32, buf: &mut [u8]) -> Result<(), i32>;
+    /// Copies `buf` into the (read) request at `offset`.
+    fn copy_in(&self, offset: u32, buf: &[u8]) -> Result<(), i32>;
+}
+
+/// The backing store. Results are byte counts or negative errno, like io_uring's.
+#[allow(async_fn_in_trait)] // used only with static dispatch, on one thread
+pub trait BackingIo {
+    async fn read_at(&self, buf: &mut [u8], offset: u64) -> i32;
+    async fn write_at(&self, buf: &[u8], offset: u64) -> i32;
+    /// Makes every completed write durable (fdatasync).
+    async fn flush(&self) -> i32;
+    /// Discards a range (punch hole / BLKDISCARD).
+    async fn discard(&self, offset: u64, len: u64) -> i32;
+}
+
+/// Everything one queue needs to serve requests; one per queue thread.
+pub struct IoPath<'a> {
+    pub cipher: &'a SectorCipher,
+    pub pool: &'a Pool,
+    pub queue: usize,
+    /// Byte offset of device sector 0 on the backing (`--offset`).
+    pub data_offset: u64,
+    pub readonly: bool,
+    pub allow_discards: bool,
+    pub counters: &'a QueueCounters,
+    pub error_log: &'a RateLimit,
+}
+
+impl IoPath<'_> {
+    /// Serves one request; returns what to commit: bytes done, or a negative errno.
+    pub async fn handle(
+        &self,
+        io: &IoDesc,
+        req: &impl RequestData,
+        backing: &impl BackingIo,
+    ) -> i32 {
+        let res = match io.op {
+            op::READ => self.read(io, req, backing).await,
+            op::WRITE if self.readonly => -libc::EROFS,
+            op::WRITE => self.write(io, req, backing).await,
+            op::FLUSH => {
+                QueueCounters::add(&self.counters.flushes, 1);
+                backing.flush().await
+            }
+            op::DISCARD if self.allow_discards && !self.readonly => {
+                QueueCounters::add(&self.counters.discards, 1);
+                let (off, len) = self.backing_range(io);
+                backing.discard(off, len).await
+            }
+            // Not advertised; a zeroed plaintext is not zeroed ciphertext, so these could only
+            // be served by encrypting zeros, which the kernel already does for us when the
+            // device does not claim support.
+            op::DISCARD | op::WRITE_ZEROES | op::WRITE_SAME => -libc::EOPNOTSUPP,
+            _ => -libc::EINVAL,
+        };
+        if res < 0 {
+            QueueCounters::add(&self.counters.errors, 1);
+            if self.error_log.allow() {
+                tracing::error!(
+                    queue = self.queue,
+                    op = io.op,
+                    sector = io.start_sector,
+                    sectors = io.nr_sectors,
+                    errno = -res,
+                    "IO failed"
+                );
+            }
+        }
+        res
+    }
+
+    fn backing_range(&self, io: &IoDesc) -> (u64, u64) {
+        (
+            self.data_offset + (io.start_sector << 9),
+            u64::from(io.nr_sectors) << 9,
+        )
+    }
+
+    /// A chunk for the next piece: from the pool's free chunks if any, else wait for one to
+    /// come back. Never called while this IO holds another chunk.
+    async fn chunk(&self) -> Chunk<'_> {
+        match self.pool.try_acquire(self.queue) {
+            Some(c) => c,
+            None => self.pool.acquire(self.queue).await,
+        }
+    }
+
+    async fn write(&self, io: &IoDesc, req: &impl RequestData, backing: &impl BackingIo) -> i32 {
+        let total = (io.nr_sectors as usize) << 9;
+        let (base, _) = self.backing_range(io);
+        let mut done = 0usize;
+        while done < total {
+            let mut chunk = self.chunk().await;
+            let n = (total - done).min(chunk.len());
+            let buf = &mut chunk[..n];
+            if let Err(e) = req.copy_out(done as u32, buf) {
+                return e;
+            }
+            let sector = io.start_sector + (done >> 9) as u64;
+            if self.cipher.encrypt(sector, buf).is_err() {
+                return -libc::EINVAL;
+            }
+            let r = write_all(backing, buf, base + done as u64).await;
+            if r < 0 {
+                return r;
+            }
+            done += n;
+        }
+        self.count(&self.counters.writes, &self.counters.bytes_written, total);
+        total as i32
+    }
+
+    async fn read(&self, io: &IoDesc, req: &impl RequestData, backing: &impl BackingIo) -> i32 {
+        let total = (io.nr_sectors as usize) << 9;
+        let (base, _) = self.backing_range(io);
+        let mut done = 0usize;
+        while done < total {
+            let mut chunk = self.chunk().await;
+            let n = (total - done).min(chunk.len());
+            let buf = &mut chunk[..n];
+            let r = read_all(backing, buf, base + done as u64).await;
+            if r < 0 {
+                return r;
+            }
+            let sector = io.start_sector + (done >> 9) as u64;
+            if self.cipher.decrypt(sector, buf).is_err() {
+                return -libc::EINVAL;
+            }
+            if let Err(e) = req.copy_in(done as u32, buf) {
+                return e;
+            }
+            done += n;
+        }
+        self.count(&self.counters.reads, &self.counters.bytes_read, total);
+        total as i32
+    }
+
+    fn count(&self, ops: &AtomicU64, bytes: &AtomicU64, total: usize) {
+        QueueCounters::add(ops, 1);
+        QueueCounters::add(bytes, total as u64);
+        if total > self.pool.chunk_bytes() {
+            QueueCounters::add(&self.counters.split_ios, 1);
+        }
+    }
+}
+
+/// Short transfers are retried for the rest; end of device or no progress is -EIO.
+async fn write_all(backing: &impl BackingIo, buf: &[u8], offset: u64) -> i32 {
+    let mut done = 0;
+    while done < buf.len() {
+        match backing.write_at(&buf[done..], offset + done as u64).await {
+            r if r < 0 => return r,
+            0 => return -libc::EIO,
+            r => done += r as usize,
+        }
+    }
+    0
+}
+
+async fn read_all(backing: &impl BackingIo, buf: &mut [u8], offset: u64) -> i32 {
+    let mut done = 0;
+    while done < buf.len() {
+        match backing
+            .read_at(&mut buf[done..], offset + done as u64)
+            .await
+        {
+            r if r < 0 => return r,
+            0 => return -libc::EIO,
+            r => done += r as usize,
+        }
+    }
+    0
+}
+
+/// At most one log line per interval: a failing disk must not turn the IO path into a logger
+/// that allocates and writes on every request.
+pub struct RateLimit {
+    start: Instant,
+    next_ms: AtomicU64,
+    interval_ms: u64,
+}
+
+impl RateLimit {
+    pub fn new(interval_ms: u64) -> Self {
+        RateLimit {
+            start: Instant::now(),
+            next_ms: AtomicU64::new(0),
+            interval_ms,
+        }
+    }
+
+    pub fn allow(&self) -> bool {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}

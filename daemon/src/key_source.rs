@@ -1,0 +1,297 @@
+//! Where the key comes from, with `cryptsetup open --type plain` semantics, byte for byte:
+//!
+//! | source | read | hashed |
+//! |---|---|---|
+//! | `--key-file PATH` | `--keyfile-size` (default: key size) bytes after `--keyfile-offset` | no (`--hash` ignored, with a warning) |
+//! | `--key-file -` | all of standard input (up to `--keyfile-size`) | yes, with `--hash` |
+//! | none | standard input up to the first newline (prompt if a terminal) | yes, with `--hash` |
+//!
+//! Unhashed input shorter than the key is zero-padded, as cryptsetup's `process_key` does; a
+//! key file that cannot supply the bytes asked for is an error. The default hash is cryptsetup's
+//! plain-mode default, ripemd160. Every buffer that holds key material is zeroized.
+
+use std::fs::File;
+use std::io::{self, BufRead, Read};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ublk_crypt_crypto::{Key, PassphraseHash};
+
+use crate::cli::OpenArgs;
+
+/// The most a passphrase or stdin key may be (cryptsetup's default key file size limit).
+const MAX_INPUT: usize = 8 << 20;
+
+/// How to obtain the key, decided from the arguments before anything is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySpec {
+    /// A raw key file: not hashed.
+    File {
+        path: std::path::PathBuf,
+        offset: u64,
+        size: usize,
+    },
+    /// `--key-file -`: all of standard input, hashed.
+    StdinAll {
+        offset: u64,
+        max: usize,
+        hash: PassphraseHash,
+    },
+    /// A passphrase: standard input up to a newline, or the terminal, hashed.
+    Passphrase { hash: PassphraseHash },
+}
+
+impl KeySpec {
+    pub fn from_args(args: &OpenArgs, key_bytes: usize) -> Result<KeySpec> {
+        let hash = || -> Result<PassphraseHash> {
+            let name = args
+                .hash
+                .as_deref()
+                .unwrap_or(PassphraseHash::CRYPTSETUP_PLAIN_DEFAULT);
+            Ok(name.parse()?)
+        };
+        Ok(match &args.key_file {
+            Some(p) if p.as_os_str() == "-" => KeySpec::StdinAll {
+                offset: args.keyfile_offset,
+                max: args.keyfile_size.unwrap_or(MAX_INPUT),
+                hash: hash()?,
+            },
+            Some(p) => {
+                if args.hash.is_some() {
+                    tracing::warn!(
+                        "--hash is ignored with a key file, as in cryptsetup plain mode"
+                    );
+                }
+                KeySpec::File {
+                    path: p.clone(),
+                    offset: args.keyfile_offset,
+                    size: args.keyfile_size.unwrap_or(key_bytes),
+                }
+            }
+            None => {
+                if args.keyfile_offset != 0 {
+                    bail!("--keyfile-offset needs --key-file");
+                }
+                KeySpec::Passphrase { hash: hash()? }
+            }
+        })
+    }
+
+    /// True when the key cannot be obtained again (a fresh random key): recovery then depends
+    /// entirely on the copy kept in the kernel keyring.
+    pub fn is_ephemeral(&self) -> bool {
+        matches!(self, KeySpec::File { path, .. } if path == Path::new("/dev/urandom") || path == Path::new("/dev/random"))
+    }
+
+    /// Reads the key. `prompt_for` names the device in the terminal prompt.
+    pub fn read(&self, key_bytes: usize, prompt_for: &str) -> Result<Key> {
+        match self {
+            KeySpec::File { path, offset, size } => {
+                let mut f = File::open(path)
+                    .with_context(|| format!("cannot open key file {}", path.display()))?;
+                skip(&mut f, *offset).with_context(|| {
+                    format!("key file {}: cannot skip {offset} bytes", path.display())
+                })?;
+                let mut raw = Key::zeroed(*size);
+                let got = read_full(&mut f, raw.as_mut_bytes())
+                    .with_context(|| format!("cannot read key file {}", path.display()))?;
+                if got < *size {
+                    bail!(
+                        "key file {} is too short: need {size} bytes after offset {offset}, it has {got}",
+                        path.display()
+                    );
+                }
+                Ok(fit(&raw, key_bytes))
+            }
+            KeySpec::StdinAll { offset, max, hash } => {
+                let stdin = io::stdin();
+                let mut lock = stdin.lock();
+                skip(&mut lock, *offset)
+                    .context("cannot skip --keyfile-offset bytes of standard input")?;
+                let input = read_limited(&mut lock, *max, false)?;
+                derive(*hash, &input, key_bytes)
+            }
+            KeySpec::Passphrase { hash } => {
+                let pass = read_passphrase(prompt_for)?;
+                derive(*hash, &pass, key_bytes)
+            }
+        }
+    }
+}
+
+/// Unhashed key material truncated or zero-padded to the key size (cryptsetup's process_key).
+fn fit(raw: &Key, key_bytes: usize) -> Key {
+    let mut key = Key::zeroed(key_bytes);
+    let n = raw.len().min(key_bytes);
+    key.as_mut_bytes()[..n].copy_from_slice(&raw.as_bytes()[..n]);
+    key
+}
+
+fn derive(hash: PassphraseHash, input: &Key, key_bytes: usize) -> Result<Key> {
+    if input.is_empty() {
+        bail!("no passphrase or key given on standard input");
+    }
+    Ok(Key::from_passphrase(hash, input.as_bytes(), key_bytes)?)
+}
+
+fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
+    if copied < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "input ends before the offset",
+        ));
+    }
+    Ok(())
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads up to `max` bytes (or up to a newline, which is dropped, with `stop_at_newline`) into
+/// a Key buffer sized once, so no reallocation leaves a copy behind.
+fn read_limited(r: &mut impl BufRead, max: usize, stop_at_newline: bool) -> Result<Key> {
+    let mut buf = Key::zeroed(max.min(MAX_INPUT));
+    let mut len = 0;
+    loop {
+        let chunk = match r.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("cannot read standard input"),
+        };
+        if chunk.is_empty() || len == buf.len() {
+            break;
+        }
+        let mut take = chunk.len().min(buf.len() - len);
+        let mut done = false;
+        if stop_at_newline {
+            if let Some(i) = chunk[..take].iter().position(|&b| b == b'\n') {
+                take = i;
+                done = true;
+            }
+        }
+        buf.as_mut_bytes()[len..len + take].copy_from_slice(&chunk[..take]);
+        len += take;
+        r.consume(take + usize::from(done));
+        if done {
+            break;
+        }
+    }
+    Ok(Key::from_bytes(&buf.as_bytes()[..len]))
+}
+
+/// A passphrase from the terminal (echo off, prompt on stderr) or from a pipe (up to newline).
+fn read_passphrase(prompt_for: &str) -> Result<Key> {
+    let stdin = io::stdin();
+    let is_tty = nix::unistd::isatty(stdin.as_fd()).unwrap_or(false);
+    if !is_tty {
+        return read_limited(&mut stdin.lock(), MAX_INPUT, true);
+    }
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    eprint!("Enter passphrase for {prompt_for}: ");
+    let saved = tcgetattr(stdin.as_fd()).context("cannot read terminal settings")?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &quiet).context("cannot turn off echo")?;
+    let pass = read_limited(&mut stdin.lock(), MAX_INPUT, true);
+    let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &saved);
+    eprintln!();
+    pass
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::io::Write;
+
+    fn args(extra: &[&str]) -> OpenArgs {
+        let mut v = vec!["ublk-crypt", "open", "/dev/null"];
+        v.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(v).command {
+            crate::cli::Command::Open(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn key_file_is_raw_and_short_file_fails() {
+        let dir = std::env::temp_dir().join(format!("ublk-crypt-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&(0..100u8).collect::<Vec<_>>()).unwrap();
+        drop(f);
+        let p = path.to_str().unwrap();
+        let spec = KeySpec::from_args(&args(&["--key-file", p, "--hash", "sha256"]), 64).unwrap();
+        let key = spec.read(64, "x").unwrap();
+        assert_eq!(
+            key.as_bytes(),
+            &(0..64u8).collect::<Vec<_>>()[..],
+            "hash must be ignored"
+        );
+        let spec = KeySpec::from_args(&args(&["-d", p, "--keyfile-offset", "10"]), 64).unwrap();
+        assert_eq!(spec.read(64, "x").unwrap().as_bytes()[0], 10);
+        let spec = KeySpec::from_args(&args(&["-d", p, "--keyfile-offset", "50"]), 64).unwrap();
+        let err = spec.read(64, "x").unwrap_err().to_string();
+        assert!(
+            err.contains("too short") && err.contains("need 64"),
+            "{err}"
+        );
+        // --keyfile-size shorter than the key: zero padded, as cryptsetup does.
+        let spec = KeySpec::from_args(&args(&["-d", p, "-l", "16"]), 32).unwrap();
+        let k = spec.read(32, "x").unwrap();
+        assert_eq!(&k.as_bytes()[16..], &[0u8; 16]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn passphrase_stops_at_newline_and_stdin_key_does_not() {
+        let mut r = io::Cursor::new(b"secret\nmore".to_vec());
+        assert_eq!(
+            read_limited(&mut r, MAX_INPUT, true).unwrap().as_bytes(),
+            b"secret"
+        );
+        let mut r = io::Cursor::new(b"secret\nmore".to_vec());
+        assert_eq!(
+            read_limited(&mut r, MAX_INPUT, false).unwrap().as_bytes(),
+            b"secret\nmore"
+        );
+        let mut r = io::Cursor::new(b"secret\nmore".to_vec());
+        assert_eq!(read_limited(&mut r, 4, false).unwrap().as_bytes(), b"secr");
+    }
+
+    #[test]
+    fn default_hash_is_cryptsetups() {
+        let spec = KeySpec::from_args(&args(&[]), 64).unwrap();
+        assert_eq!(
+            spec,
+            KeySpec::Passphrase {
+                hash: "ripemd160".parse().unwrap()
+            }
+        );
+        let spec = KeySpec::from_args(&args(&["-d", "-", "--hash", "sha512"]), 64).unwrap();
+        assert!(matches!(spec, KeySpec::StdinAll { .. }));
+        assert!(KeySpec::from_args(&args(&["--hash", "md4"]), 64).is_err());
+        assert!(KeySpec::from_args(&args(&["-d", "/dev/urandom"]), 64)
+            .unwrap()
+            .is_ephemeral());
+    }
+
+    #[test]
+    fn empty_passphrase_is_an_error() {
+        let h: PassphraseHash = "sha256".parse().unwrap();
+        assert!(derive(h, &Key::zeroed(0), 32).is_err());
+    }
+}

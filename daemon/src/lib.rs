@@ -1,0 +1,14 @@
+//! The `ublk-crypt` daemon as a library, so integration tests can drive the IO path (for
+//! example under a counting allocator) without a kernel. See `main.rs` for the file map.
+
+pub mod backing;
+pub mod cli;
+pub mod control;
+pub mod executor;
+pub mod hardening;
+pub mod io;
+pub mod key_source;
+pub mod recovery;
+pub mod state;
+pub mod stats;
+pub mod target;

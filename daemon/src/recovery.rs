@@ -1,0 +1,175 @@
+//! Crash recovery without losing swapped pages, even with an ephemeral key.
+//!
+//! Devices are created with ublk user recovery (`UBLK_F_USER_RECOVERY` +
+//! `UBLK_F_USER_RECOVERY_REISSUE`): when the daemon dies, the kernel keeps `/dev/ublkbN`, holds
+//! new IO and requeues in-flight IO instead of failing it, and a new daemon can re-attach.
+//! Swap pages written before the crash must still decrypt afterwards, so the new daemon needs
+//! the very same key — which, for `--key-file /dev/urandom`, exists nowhere else.
+//!
+//! **Where the key is kept.** A `user` key named `ublk-crypt:dev<N>` in root's user keyring
+//! (`@u`), added when the device is created and invalidated by `close`.
+//! - It lives in kernel memory: never swapped, never written to any disk, gone at reboot
+//!   (when the device is gone too).
+//! - Permissions: possessor all, owner (uid 0) view/read/search/write/setattr, nothing for
+//!   group or others: no unprivileged process can read it.
+//! - It survives the daemon's death (SIGKILL, abort on panic, OOM kill), because the user
+//!   keyring belongs to uid 0, not to the process; a daemon restarted by systemd (in another
+//!   session keyring) finds it by searching `@u`.
+//!
+//! Threat model: root can read it — but root can read the daemon's memory and the decrypted
+//! device anyway; the keyring adds no exposure beyond what a running dm-crypt has (its key is
+//! in kernel memory too, and `dmsetup table --showkeys` prints it to root). What it protects
+//! against: the key reaching a disk (swap, core dump, state file, journal) or another user.
+//! The alternative considered, systemd's file-descriptor store, only works under systemd and
+//! not for `ublk-crypt recover` run by hand.
+
+use std::ffi::CString;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use ublk_crypt_crypto::Key;
+
+use crate::state;
+use crate::target;
+
+const KEY_SPEC_USER_KEYRING: libc::c_long = -4;
+const KEYCTL_SETPERM: libc::c_long = 5;
+const KEYCTL_SEARCH: libc::c_long = 10;
+const KEYCTL_READ: libc::c_long = 11;
+const KEYCTL_INVALIDATE: libc::c_long = 21;
+/// Possessor: all; user (owner, uid 0): view, read, write, search, setattr; group/other: none.
+const KEY_PERM: libc::c_long = 0x3f00_0000 | 0x002f_0000;
+
+fn description(id: u32) -> CString {
+    CString::new(format!("ublk-crypt:dev{id}")).expect("no NUL in a formatted id")
+}
+
+/// Keeps the key of device `id` in root's user keyring for a restarted daemon.
+pub fn keep_key(id: u32, key: &Key) -> Result<()> {
+    let ty = c"user";
+    let desc = description(id);
+    // SAFETY: add_key(2) reads the type and description strings and `plen` payload bytes from
+    // valid buffers that outlive the call; it does not retain the pointers.
+    let serial = unsafe {
+        libc::syscall(
+            libc::SYS_add_key,
+            ty.as_ptr(),
+            desc.as_ptr(),
+            key.as_bytes().as_ptr(),
+            key.len(),
+            KEY_SPEC_USER_KEYRING,
+        )
+    };
+    if serial < 0 {
+        bail!(
+            "cannot keep the key in root's keyring for recovery: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: keyctl(KEYCTL_SETPERM, serial, perm) takes integers only.
+    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_SETPERM, serial, KEY_PERM) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        forget_key(id);
+        bail!("cannot restrict the permissions of the kept key: {e}");
+    }
+    Ok(())
+}
+
+fn find_key(id: u32) -> Option<libc::c_long> {
+    let ty = c"user";
+    let desc = description(id);
+    // SAFETY: keyctl(KEYCTL_SEARCH, keyring, type, description, 0) reads two valid C strings.
+    let serial = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_SEARCH,
+            KEY_SPEC_USER_KEYRING,
+            ty.as_ptr(),
+            desc.as_ptr(),
+            0 as libc::c_long,
+        )
+    };
+    (serial >= 0).then_some(serial)
+}
+
+/// Fetches the kept key of device `id` (`len` bytes).
+pub fn kept_key(id: u32, len: usize) -> Result<Key> {
+    let Some(serial) = find_key(id) else {
+        bail!(
+            "the key of device {id} is not in root's keyring (the device was closed, or created before a reboot): cannot recover"
+        );
+    };
+    let mut key = Key::zeroed(len);
+    // SAFETY: keyctl(KEYCTL_READ, serial, buf, buflen) writes at most `buflen` bytes into `buf`,
+    // a live mutable buffer of exactly that length.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_READ,
+            serial,
+            key.as_mut_bytes().as_mut_ptr(),
+            len,
+        )
+    };
+    if n < 0 {
+        bail!(
+            "cannot read the kept key of device {id}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if n as usize != len {
+        bail!("the kept key of device {id} has {n} bytes, the device needs {len}");
+    }
+    Ok(key)
+}
+
+/// Removes the kept key of device `id` (on close). Missing keys are fine.
+pub fn forget_key(id: u32) {
+    if let Some(serial) = find_key(id) {
+        // SAFETY: keyctl(KEYCTL_INVALIDATE, serial) takes integers only.
+        unsafe {
+            libc::syscall(libc::SYS_keyctl, KEYCTL_INVALIDATE, serial);
+        }
+    }
+}
+
+/// `ublk-crypt recover NAME|ID`: re-attach a new daemon to a device whose daemon died.
+pub fn recover(device: &str, foreground: bool) -> Result<ExitCode> {
+    let rec = state::resolve(device)?;
+    let dev_state = target::device_state(rec.id)
+        .with_context(|| format!("ublk device {} does not exist any more", rec.id))?;
+    if dev_state.daemon_alive {
+        bail!(
+            "device {} ({}) is served by pid {}: nothing to recover",
+            rec.name,
+            rec.bdev_path(),
+            dev_state.pid
+        );
+    }
+    if !dev_state.quiesced {
+        bail!(
+            "device {} is in state {} (not waiting for recovery)",
+            rec.name,
+            dev_state.state_name
+        );
+    }
+    target::serve_recovered(rec, foreground)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_round_trips_through_the_keyring_and_is_forgotten() {
+        // Uses an id no real device has.
+        let id = 900_000 + std::process::id() % 1000;
+        let key = Key::from_bytes(&[0x42; 64]);
+        keep_key(id, &key).unwrap();
+        assert_eq!(kept_key(id, 64).unwrap().as_bytes(), key.as_bytes());
+        assert!(kept_key(id, 32).is_err(), "length mismatch is an error");
+        forget_key(id);
+        assert!(kept_key(id, 64).is_err());
+    }
+}

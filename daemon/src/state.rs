@@ -1,0 +1,181 @@
+//! Runtime records under `/run/ublk-crypt`: one JSON file per device (never any key material),
+//! written atomically by the serving daemon. They are how `list`, `close`, `status` and
+//! `recover` find a device by name, and how a restarted daemon rebuilds the same device.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const RUN_DIR: &str = "/run/ublk-crypt";
+
+fn run_dir() -> PathBuf {
+    // Tests point this elsewhere; production always uses RUN_DIR.
+    std::env::var_os("UBLK_CRYPT_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+/// What a device is, enough to serve it again after a crash (with the key from the keyring).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: u32,
+    pub name: String,
+    pub backing: PathBuf,
+    pub cipher: String,
+    pub key_bits: usize,
+    pub sector_size: u32,
+    pub iv_large_sectors: bool,
+    /// `--offset`, 512-byte sectors.
+    pub offset: u64,
+    /// `--skip`, 512-byte sectors.
+    pub skip: u64,
+    /// Device size in bytes.
+    pub size: u64,
+    pub readonly: bool,
+    pub allow_discards: bool,
+    pub queues: u16,
+    pub depth: u16,
+    pub pool_mib: usize,
+    pub max_io_kib: u32,
+    /// Whether the OOM protections are on (off only in tests).
+    pub protections: bool,
+    /// Pid of the serving daemon.
+    pub pid: u32,
+}
+
+impl DeviceRecord {
+    pub fn bdev_path(&self) -> String {
+        format!("/dev/ublkb{}", self.id)
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        socket_path(self.id)
+    }
+}
+
+pub fn record_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.json"))
+}
+
+pub fn socket_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.sock"))
+}
+
+pub fn log_path(pid: u32) -> PathBuf {
+    run_dir().join(format!("daemon-{pid}.log"))
+}
+
+pub fn ensure_run_dir() -> Result<PathBuf> {
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub fn save(rec: &DeviceRecord) -> Result<()> {
+    ensure_run_dir()?;
+    let path = record_path(rec.id);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+pub fn load(id: u32) -> Result<DeviceRecord> {
+    let path = record_path(id);
+    let data = std::fs::read(&path)
+        .with_context(|| format!("no ublk-crypt record for device {id} ({})", path.display()))?;
+    serde_json::from_slice(&data).with_context(|| format!("corrupt record {}", path.display()))
+}
+
+pub fn remove(id: u32) {
+    let _ = std::fs::remove_file(record_path(id));
+    let _ = std::fs::remove_file(socket_path(id));
+}
+
+pub fn all() -> Vec<DeviceRecord> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(run_dir()) {
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                if let Ok(data) = std::fs::read(&p) {
+                    if let Ok(rec) = serde_json::from_slice::<DeviceRecord>(&data) {
+                        out.push(rec);
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by_key(|r| r.id);
+    out
+}
+
+/// Resolves what the user typed — a name, an id, or `/dev/ublkbN` — to a record.
+pub fn resolve(device: &str) -> Result<DeviceRecord> {
+    let id = device
+        .strip_prefix("/dev/ublkb")
+        .unwrap_or(device)
+        .parse::<u32>()
+        .ok();
+    for rec in all() {
+        if rec.name == device || Some(rec.id) == id {
+            return Ok(rec);
+        }
+    }
+    bail!("no ublk-crypt device named '{device}' (see `ublk-crypt list`)")
+}
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_resolve_remove() {
+        let dir = std::env::temp_dir().join(format!("ublk-crypt-run-{}", std::process::id()));
+        std::env::set_var("UBLK_CRYPT_RUN_DIR", &dir);
+        let rec = DeviceRecord {
+            id: 7,
+            name: "swap0".into(),
+            backing: "/dev/vdb".into(),
+            cipher: "aes-xts-plain64".into(),
+            key_bits: 512,
+            sector_size: 4096,
+            iv_large_sectors: false,
+            offset: 0,
+            skip: 0,
+            size: 1 << 30,
+            readonly: false,
+            allow_discards: false,
+            queues: 1,
+            depth: 64,
+            pool_mib: 16,
+            max_io_kib: 512,
+            protections: true,
+            pid: 1,
+        };
+        save(&rec).unwrap();
+        assert_eq!(resolve("swap0").unwrap(), rec);
+        assert_eq!(resolve("7").unwrap(), rec);
+        assert_eq!(resolve("/dev/ublkb7").unwrap(), rec);
+        let e = resolve("nope").unwrap_err().to_string();
+        assert!(e.contains("no ublk-crypt device named 'nope'"), "{e}");
+        let text = std::fs::read_to_string(record_path(7)).unwrap();
+        assert!(
+            !text.to_lowercase().contains("key\""),
+            "records hold no key: {text}"
+        );
+        remove(7);
+        assert!(resolve("swap0").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
