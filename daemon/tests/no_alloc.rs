@@ -69,7 +69,7 @@ fn io_path_allocates_nothing_in_steady_state() {
         counters: &counters,
         error_log: &log,
     };
-    let completions: &'static Completions = Box::leak(Box::new(Completions::new()));
+    let completions: &'static Completions = Box::leak(Box::new(Completions::default()));
     let mut backing = MemBacking::new(8 << 20);
     backing.completions = Some(completions);
     let requests: Vec<MemRequest> = (0..TAGS)

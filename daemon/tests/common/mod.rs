@@ -29,10 +29,13 @@ impl RequestData for MemRequest {
 /// parking never allocates.
 pub struct Completions(pub RefCell<Vec<Waker>>);
 
-impl Completions {
-    pub fn new() -> Self {
+impl Default for Completions {
+    fn default() -> Self {
         Completions(RefCell::new(Vec::with_capacity(1024)))
     }
+}
+
+impl Completions {
     /// Wakes every parked operation; returns how many.
     pub fn reap(&self) -> usize {
         let mut v = self.0.borrow_mut();
