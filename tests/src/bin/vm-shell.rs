@@ -9,14 +9,15 @@ use std::process::ExitCode;
 use ublk_crypt_tests::vm::{vm_or_skip, Vm};
 
 const USAGE: &str = "usage: vm-shell [--mem MIB] [--cpus N] [--disk MIB]... [--tool NAME]... \
-[--binary PATH]... [--file GUEST=HOST]... [--kernel-arg ARG]... [--keep] [--run SCRIPT]
+[--binary PATH]... [--file GUEST=HOST]... [--kernel-arg ARG]... [--debuginfo] [--keep] [--run SCRIPT]
 
 Boots the VM-test kernel under qemu with a shell on this terminal.
 Defaults: --mem 512 --cpus 1, disks of 1024 and 256 MiB (/dev/vda, /dev/vdb), tools
 cryptsetup and fio, and target/release/ublk-crypt when it has been built.
---disk replaces the default disks; --kernel-arg loglevel=8 shows the whole boot log; --keep keeps the disk images (path printed at start);
---run runs SCRIPT instead of the shell (non-interactive: prints the console, exits with
-the script's status).";
+--disk replaces the default disks; --kernel-arg loglevel=8 shows the whole boot log;
+--debuginfo keeps debug info in the binaries (stripped by default: it is guest RAM);
+--keep keeps the disk images (path printed at start); --run runs SCRIPT instead of the
+shell (non-interactive: prints the console, exits with the script's status).";
 
 fn main() -> ExitCode {
     let mut mem = 512;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
     let mut files: Vec<(String, PathBuf)> = vec![];
     let mut kernel_args: Vec<String> = vec![];
     let mut keep = false;
+    let mut debuginfo = false;
     let mut script: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
             }
             "--kernel-arg" => kernel_args.push(val("an argument")),
             "--keep" => keep = true,
+            "--debuginfo" => debuginfo = true,
             "--run" => script = Some(val("a script")),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -88,7 +91,8 @@ fn main() -> ExitCode {
         .name("vm-shell")
         .memory_mib(mem)
         .cpus(cpus)
-        .keep_run_dir(keep);
+        .keep_run_dir(keep)
+        .debuginfo(debuginfo);
     for d in disks {
         b = b.disk_mib(d);
     }

@@ -93,6 +93,7 @@ impl Vm {
             timeout: Duration::from_secs(300),
             keep: false,
             echo: true,
+            debuginfo: false,
         }
     }
 }
@@ -121,6 +122,7 @@ pub struct VmBuilder {
     timeout: Duration,
     keep: bool,
     echo: bool,
+    debuginfo: bool,
 }
 
 impl VmBuilder {
@@ -229,6 +231,15 @@ impl VmBuilder {
         self
     }
 
+    /// Keep debug info in [`binary`](Self::binary)s. By default it is stripped
+    /// (`objcopy --strip-debug`; symbols stay, so backtraces name functions) because the
+    /// initramfs is guest RAM: the release `ublk-crypt` is 24 MB with its debug info, 3 MB
+    /// without, and RAM is what the OOM tests measure.
+    pub fn debuginfo(mut self, keep: bool) -> Self {
+        self.debuginfo = keep;
+        self
+    }
+
     /// Do not echo the console to the test's stdout (it is still kept and logged).
     pub fn quiet(mut self) -> Self {
         self.echo = false;
@@ -328,7 +339,21 @@ impl VmBuilder {
             }
             add_libs(bin, &mut usr).map_err(setup)?;
             let name = bin.file_name().unwrap().to_string_lossy();
-            ar.file(&format!("/vm/bin/{name}"), Source::Host(bin.clone()), 0o755)
+            let src = match env::find_program("objcopy") {
+                Some(objcopy) if !self.debuginfo => {
+                    let stripped = run.path.join(format!("stripped-{name}"));
+                    env::run_checked(
+                        Command::new(objcopy)
+                            .arg("--strip-debug")
+                            .arg(bin)
+                            .arg(&stripped),
+                    )
+                    .map_err(setup)?;
+                    stripped
+                }
+                _ => bin.clone(),
+            };
+            ar.file(&format!("/vm/bin/{name}"), Source::Host(src), 0o755)
                 .map_err(setup)?;
         }
         for (guest, source, mode) in &self.files {
@@ -412,25 +437,21 @@ impl VmBuilder {
         // Disks.
         let mut disks = vec![];
         for (i, d) in self.disks.iter().enumerate() {
-            let (path, owned) = match d {
+            let path = match d {
                 DiskSpec::New(mib) => {
                     let p = run.path.join(format!("disk{i}.img"));
                     let f = fs::File::create(&p)
                         .map_err(|e| setup(format!("creating {}: {e}", p.display())))?;
                     f.set_len(mib << 20)
                         .map_err(|e| setup(format!("sizing {}: {e}", p.display())))?;
-                    (p, true)
+                    p
                 }
-                DiskSpec::Existing(p) => {
-                    let p = fs::canonicalize(p)
-                        .map_err(|e| setup(format!("disk image {}: {e}", p.display())))?;
-                    (p, false)
-                }
+                DiskSpec::Existing(p) => fs::canonicalize(p)
+                    .map_err(|e| setup(format!("disk image {}: {e}", p.display())))?,
             };
             disks.push(Disk {
                 direct: supports_o_direct(&path),
                 path,
-                owned,
             });
         }
         let mut run = run;
@@ -523,7 +544,6 @@ struct Prepared {
 #[derive(Debug)]
 struct Disk {
     path: PathBuf,
-    owned: bool,
     direct: bool,
 }
 
@@ -866,7 +886,8 @@ fn is_kernel_line(line: &str) -> bool {
 }
 
 /// The run directory: `<target>/vm-runs/<name>-<pid>-<n>/`, holding the initramfs, the
-/// created disks and `console.log`. Unless kept, dropping it deletes everything but the log.
+/// created disks, stripped binaries and `console.log`. Unless kept, dropping it deletes
+/// everything but the log.
 #[derive(Debug)]
 struct RunDir {
     path: PathBuf,
@@ -901,10 +922,15 @@ impl Drop for RunDir {
         if self.keep {
             return;
         }
-        for d in self.disks.iter().filter(|d| d.owned) {
-            let _ = fs::remove_file(&d.path);
+        // Everything in the run directory but the log: created disks, initramfs, stripped
+        // binaries. Caller-owned disk images live elsewhere and are never touched.
+        if let Ok(rd) = fs::read_dir(&self.path) {
+            for e in rd.filter_map(Result::ok) {
+                if e.file_name() != "console.log" {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
         }
-        let _ = fs::remove_file(self.path.join("initramfs.cpio"));
     }
 }
 
