@@ -875,14 +875,23 @@ fn clean(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A kernel log line on the console: `[    1.234567] ...`.
+/// A kernel log line on the console: `[    1.234567] ...` (printk's `%5lu.%06lu`; strict
+/// enough that a script's `[1] done` is not mistaken for one). Only the line start is
+/// checked: printk output always begins a console line.
 fn is_kernel_line(line: &str) -> bool {
-    let t = line.trim_start();
-    t.starts_with('[')
-        && t[1..].split_once(']').is_some_and(|(ts, _)| {
-            let ts = ts.trim();
-            !ts.is_empty() && ts.chars().all(|c| c.is_ascii_digit() || c == '.')
-        })
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    rest.split_once(']').is_some_and(|(ts, _)| {
+        ts.trim_start()
+            .split_once('.')
+            .is_some_and(|(secs, micros)| {
+                !secs.is_empty()
+                    && secs.bytes().all(|b| b.is_ascii_digit())
+                    && micros.len() == 6
+                    && micros.bytes().all(|b| b.is_ascii_digit())
+            })
+    })
 }
 
 /// The run directory: `<target>/vm-runs/<name>-<pid>-<n>/`, holding the initramfs, the
@@ -1155,7 +1164,10 @@ mod tests {
         assert_eq!(marker("@@VM-EXIT 3", "@@VM-EXIT"), None);
         assert_eq!(clean(b"\x1bc\x1b[?7l\x1b[2Jhello\r"), "hello");
         assert!(is_kernel_line("[    2.350930] device-mapper: ready"));
+        assert!(is_kernel_line("[12345.000001] x"));
         assert!(!is_kernel_line("[vm] x"));
+        assert!(!is_kernel_line("[1] done"));
+        assert!(!is_kernel_line("[1.5] done"));
         assert!(!is_kernel_line("plain"));
     }
 }
