@@ -612,13 +612,18 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
             return;
         }
     };
+    // One lock, released at once: the record is read-only from here on.
+    let (readonly, allow_discards) = {
+        let rec = ctx.record.lock().unwrap();
+        (rec.readonly, rec.allow_discards)
+    };
     let io = IoPath {
         cipher: &ctx.cipher,
         pool: &ctx.pool,
         queue: usize::from(qid),
         data_offset: ctx.geometry.data_offset,
-        readonly: ctx.record.lock().unwrap().readonly,
-        allow_discards: ctx.record.lock().unwrap().allow_discards,
+        readonly,
+        allow_discards,
         counters: &ctx.counters[usize::from(qid)],
         error_log: &ctx.error_log,
     };
