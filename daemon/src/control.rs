@@ -208,7 +208,7 @@ pub fn close(device: &str) -> Result<ExitCode> {
         Ok(st) if st.daemon_alive => {
             request(&rec, "close")?;
             let deadline = Instant::now() + Duration::from_secs(60);
-            while target::device_state(rec.id).is_ok() {
+            while target::device_exists(rec.id) {
                 if Instant::now() > deadline {
                     bail!(
                         "{} did not close within 60 s (is it still mounted or swapped on?)",

@@ -230,9 +230,15 @@ pub struct DeviceState {
     pub state_name: &'static str,
 }
 
+/// Whether ublk device `id` exists (without asking the driver, which libublk would report on
+/// stderr for a device being deleted).
+pub fn device_exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
 /// The state of ublk device `id`, or an error if it does not exist.
 pub fn device_state(id: u32) -> Result<DeviceState> {
-    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+    if !device_exists(id) {
         bail!("ublk device {id} does not exist");
     }
     let ctrl =
