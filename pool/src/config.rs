@@ -174,6 +174,7 @@ pub enum PoolError {
     },
 }
 
+/// "Cannot allocate memory (os error 12)": the message and the errno number.
 fn strerror(errno: i32) -> std::io::Error {
     std::io::Error::from_raw_os_error(errno)
 }
@@ -197,7 +198,7 @@ impl fmt::Display for PoolError {
             } => write!(
                 f,
                 "pool budget of {budget_bytes} bytes holds {} chunks of {chunk_bytes} bytes, but the queues' reserves plus one shared chunk need {required_chunks} (at least {} bytes)",
-                budget_bytes / chunk_bytes,
+                budget_bytes.checked_div(chunk_bytes).unwrap_or(0),
                 required_chunks.saturating_mul(chunk_bytes)
             ),
             PoolError::TooManyChunks { chunks } => write!(
@@ -206,17 +207,17 @@ impl fmt::Display for PoolError {
             ),
             PoolError::Map { bytes, errno } => write!(
                 f,
-                "mmap of {bytes}-byte buffer pool failed: {} (errno {errno})",
+                "mmap of {bytes}-byte buffer pool failed: {}",
                 strerror(errno)
             ),
             PoolError::Madvise { advice, errno } => write!(
                 f,
-                "madvise({advice}) on the buffer pool failed: {} (errno {errno})",
+                "madvise({advice}) on the buffer pool failed: {}",
                 strerror(errno)
             ),
             PoolError::Mlock { bytes, errno } => write!(
                 f,
-                "mlock of {bytes}-byte buffer pool failed: {} (errno {errno}); the IO buffers must stay in RAM \
+                "mlock of {bytes}-byte buffer pool failed: {}; the IO buffers must stay in RAM \
                  to serve swap under memory pressure: raise the locked-memory limit (systemd LimitMEMLOCK=, \
                  ulimit -l) to at least {} KiB or grant CAP_IPC_LOCK",
                 strerror(errno),
@@ -327,7 +328,7 @@ mod tests {
         };
         let s = e.to_string();
         assert!(s.contains("16777216-byte"), "{s}");
-        assert!(s.contains("errno 12"), "{s}");
+        assert!(s.contains("os error 12"), "{s}");
         assert!(s.contains("LimitMEMLOCK"), "{s}");
         assert!(s.contains("CAP_IPC_LOCK"), "{s}");
         assert!(s.contains("16384 KiB"), "{s}");
@@ -336,7 +337,7 @@ mod tests {
             errno: libc::EPERM,
         }
         .to_string();
-        assert!(s.contains("errno 1"), "{s}");
+        assert!(s.contains("os error 1)"), "{s}");
         // It is a std error, usable with `?` into Box<dyn Error> / anyhow.
         let _: Box<dyn std::error::Error + Send + Sync> = Box::new(e);
     }
