@@ -44,6 +44,32 @@
 //! the next. Extra chunks to overlap work may be taken only with [`Pool::try_acquire`], which
 //! never waits.
 //!
+//! ```
+//! use ublk_crypt_pool::{Pool, PoolConfig};
+//!
+//! /// Encrypts `data` to the backing device through the pool, one chunk at a time.
+//! async fn write_io(pool: &Pool, queue: usize, data: &[u8]) {
+//!     for part in data.chunks(pool.chunk_bytes()) {
+//!         // Waits for a chunk another IO returns; never for the allocator.
+//!         let mut chunk = pool.acquire(queue).await;
+//!         chunk[..part.len()].copy_from_slice(part); // encrypt in place here
+//!         // ... submit `chunk` to the backing device and await completion ...
+//!         drop(chunk); // before acquiring the next one
+//!     }
+//! }
+//!
+//! let pool = Pool::new(PoolConfig {
+//!     budget_bytes: 1 << 20,
+//!     queues: 4,
+//!     ..PoolConfig::default()
+//! })?;
+//! // Each queue thread runs such futures on its own executor, e.g. for a 4 MiB IO on queue 2:
+//! let io = write_io(&pool, 2, &[0u8; 4 << 20]);
+//! # drop(io);
+//! assert_eq!(pool.stats().chunks_total, 16);
+//! # Ok::<(), ublk_crypt_pool::PoolError>(())
+//! ```
+//!
 //! Why this suffices: every chunk is held by an IO that does not wait for the pool, so it is
 //! eventually released (the backing device completes); a released chunk is handed directly to
 //! a waiter that may use it. And each queue's reserve means one queue holding many chunks (say,
