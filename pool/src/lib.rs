@@ -100,7 +100,7 @@
 //! This keeps the invariant "a queue has waiters only while it can take nothing", so
 //! `try_acquire` and fresh `acquire`s never overtake a queue's waiters. The waiting future
 //! stores its caller's `Waker` once and on later polls clones a new one only if
-//! [`Waker::will_wake`] says it changed. Dropping a waiting future unlinks it; dropping one that
+//! [`Waker::will_wake`](std::task::Waker::will_wake) says it changed. Dropping a waiting future unlinks it; dropping one that
 //! was already granted a chunk releases that chunk on (to the next waiter or the free list), so
 //! cancellation never leaks.
 //!
