@@ -14,7 +14,7 @@ use std::task::Waker;
 use std::thread;
 
 use common::{block_on, poll_once, pool, yield_now};
-use ublk_crypt_pool::Pool;
+use ublk_crypt_pool::{Chunk, Pool};
 
 struct Counting;
 
@@ -70,19 +70,33 @@ async fn step(p: &Pool, q: usize, i: usize) {
     }
 }
 
-fn uncontended(p: &Pool) {
-    let noop = Waker::noop().clone();
-    for i in 0..20_000 {
-        block_on(step(p, 0, i));
-        // Start a wait, then cancel it, both before and after it is granted.
-        let held: Vec<_> = std::iter::from_fn(|| p.try_acquire(0))
-            .take(64)
-            .collect::<Vec<_>>();
-        drop(held);
-        if i.is_multiple_of(100) {
-            let mut f = pin!(p.acquire(0));
-            let _ = poll_once(f.as_mut(), &noop);
+/// Everything one thread can do alone: acquire and release both ways, exhaust the pool, wait,
+/// be granted a chunk, cancel a queued wait and cancel a granted one. `hold` is a fixed array,
+/// so the test itself does not allocate either.
+fn uncontended_round<'p>(p: &'p Pool, i: usize, hold: &mut [Option<Chunk<'p>>; 64]) {
+    let noop = Waker::noop();
+    block_on(step(p, 0, i));
+    for slot in hold.iter_mut() {
+        *slot = p.try_acquire(0);
+    }
+    assert!(p.try_acquire(0).is_none());
+    {
+        let mut granted = pin!(p.acquire(0));
+        assert!(poll_once(granted.as_mut(), noop).is_pending());
+        {
+            let mut queued = pin!(p.acquire(0));
+            assert!(poll_once(queued.as_mut(), noop).is_pending());
+            hold[i % 64] = None; // handed to `granted`
+        } // `queued` cancelled while queued
+        if i.is_multiple_of(2) {
+            hold[i % 64] = match poll_once(granted.as_mut(), noop) {
+                std::task::Poll::Ready(c) => Some(c),
+                std::task::Poll::Pending => panic!("granted waiter not ready"),
+            };
         }
+    } // `granted` cancelled after its grant (odd i): the chunk goes back
+    for slot in hold.iter_mut() {
+        *slot = None;
     }
 }
 
@@ -108,25 +122,26 @@ fn contended(p: &Pool, threads_per_queue: usize, rounds: usize, start: &Barrier,
 
 #[test]
 fn no_heap_allocation_after_construction() {
-    // --- Uncontended: one thread, plenty of chunks. `Vec`s above are collected only in the
-    // warm-up; the measured loop below uses the same code minus those collections.
+    // --- Uncontended: one thread, 64 chunks. Warm up with exactly the code measured.
     let p = common::pool(64, 4096, 1, 1);
-    uncontended(&p);
+    let mut hold: [Option<Chunk>; 64] = [const { None }; 64];
+    for i in 0..1_000 {
+        uncontended_round(&p, i, &mut hold);
+    }
     let before = allocs();
-    let noop = Waker::noop().clone();
-    for i in 0..50_000 {
-        block_on(step(&p, 0, i));
-        let a = p.try_acquire(0);
-        let b = p.try_acquire(0);
-        drop((a, b));
-        if i.is_multiple_of(100) {
-            let mut f = pin!(p.acquire(0));
-            let _ = poll_once(f.as_mut(), &noop);
-        }
+    let waits = p.stats().waits;
+    for i in 0..20_000 {
+        uncontended_round(&p, i, &mut hold);
     }
     let after = allocs();
-    assert_eq!(after - before, 0, "uncontended acquire/release allocated");
+    assert_eq!(
+        after - before,
+        0,
+        "uncontended acquire/wait/cancel/release allocated"
+    );
+    assert_eq!(p.stats().waits - waits, 2 * 20_000);
     assert_eq!(p.stats().in_use, 0);
+    drop(hold);
     drop(p);
 
     // --- Contended: 3 queues, 3 threads each, 1 reserved + 1 shared chunk: many acquisitions
