@@ -236,7 +236,7 @@ impl<'a> Model<'a> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(2048))]
 
     #[test]
     fn never_hands_out_a_chunk_twice(
