@@ -32,7 +32,8 @@ impl Default for SectorLayout {
 }
 
 impl SectorLayout {
-    fn validate(&self) -> Result<(), CryptoError> {
+    /// Checks the sector size and, with `iv_large_sectors`, the IV offset's alignment.
+    pub fn validate(&self) -> Result<(), CryptoError> {
         if !matches!(self.sector_size, 512 | 1024 | 2048 | 4096) {
             return Err(CryptoError::SectorSize(self.sector_size));
         }

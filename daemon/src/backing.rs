@@ -62,11 +62,9 @@ impl Backing {
         };
         let (mut file, direct) = match open(true) {
             Ok(f) => (f, true),
+            // Warned about once the device is live (see target.rs), not here: a failed open
+            // must print exactly one line.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !block_device => {
-                tracing::warn!(
-                    "{} does not support O_DIRECT; using buffered IO (not safe for swap under memory pressure)",
-                    path.display()
-                );
                 (open(false)?, false)
             }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(

@@ -82,6 +82,12 @@ pub fn open(args: OpenArgs) -> Result<ExitCode> {
             bail!("--name '{name}' must be non-empty, without '/', and not a number");
         }
     }
+    SectorLayout {
+        sector_size: args.sector_size,
+        iv_large_sectors: args.iv_large_sectors,
+        iv_offset: args.skip,
+    }
+    .validate()?;
     check_driver()?;
 
     if let Some(id) = args.id {
@@ -497,6 +503,13 @@ fn serve_inner(
                 r.ready(&path);
             }
             tracing::info!("serving {path}");
+            if !ctx.backing.direct {
+                tracing::warn!(
+                    "{} does not support O_DIRECT: using buffered IO, which needs page cache \
+                     under memory pressure (not safe for swap)",
+                    ctx.backing.path.display()
+                );
+            }
             wait_for_stop(c, &rx);
         }
     };
