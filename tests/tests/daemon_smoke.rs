@@ -33,5 +33,8 @@ fn open_write_read_close() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
     let status = out.section("status").unwrap();
-    assert!(status.contains("writes 4") || status.contains("writes"), "{status}");
+    assert!(
+        status.contains("writes 4") || status.contains("writes"),
+        "{status}"
+    );
 }
