@@ -1,0 +1,309 @@
+//! fio side by side, in one VM boot: the raw virtio disk, kernel dm-crypt and ublk-crypt (same
+//! cipher and key size, identical disks), plus ublk-crypt with 4096-byte sectors and with two
+//! queues; the daemon's memory at idle and under load (default and --depth 128); and the
+//! crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
+//!
+//! `scripts/bench [--runtime SECS]` (builds the release binaries, then runs this).
+//!
+//! Under TCG every absolute figure is slow and host-dependent; only ratios inside one run mean
+//! anything, which is why every device runs in the same boot, one after the other.
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use ublk_crypt_tests::vm::Vm;
+use ublk_crypt_tests::{release_binary, workspace_root};
+
+struct Job {
+    name: &'static str,
+    args: &'static str,
+}
+
+const JOBS: [Job; 6] = [
+    Job {
+        name: "seq-write-1M-qd8",
+        args: "--rw=write --bs=1M --iodepth=8",
+    },
+    Job {
+        name: "seq-read-1M-qd8",
+        args: "--rw=read --bs=1M --iodepth=8",
+    },
+    Job {
+        name: "randwrite-4k-qd1",
+        args: "--rw=randwrite --bs=4k --iodepth=1",
+    },
+    Job {
+        name: "randwrite-4k-qd32",
+        args: "--rw=randwrite --bs=4k --iodepth=32",
+    },
+    Job {
+        name: "randread-4k-qd1",
+        args: "--rw=randread --bs=4k --iodepth=1",
+    },
+    Job {
+        name: "randread-4k-qd32",
+        args: "--rw=randread --bs=4k --iodepth=32",
+    },
+];
+
+/// (label, guest commands that open it and set $dev, commands that close it)
+const DEVICES: [(&str, &str, &str); 6] = [
+    ("raw", "dev=/dev/vda", ":"),
+    (
+        "dm-crypt",
+        "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
+        "cryptsetup close dm",
+    ),
+    (
+        "ublk-crypt",
+        "dev=$(ublk-crypt open /dev/vdc -c aes-xts-plain64 -s 512 --key-file /root/key --name b)",
+        "ublk-crypt close b",
+    ),
+    (
+        "dm-crypt-4k",
+        "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size 4096 --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
+        "cryptsetup close dm",
+    ),
+    (
+        "ublk-crypt-4k",
+        "dev=$(ublk-crypt open /dev/vdc -s 512 --sector-size 4096 --key-file /root/key --name b)",
+        "ublk-crypt close b",
+    ),
+    (
+        "ublk-crypt-2q",
+        "dev=$(ublk-crypt open /dev/vdc -s 512 --queues 2 --key-file /root/key --name b)",
+        "ublk-crypt close b",
+    ),
+];
+
+fn guest_script(runtime: u64) -> String {
+    let mut s = String::from(
+        r#"
+mem() {  # LABEL: VmRSS and VmLck of the daemon, KiB
+    p=$(pidof ublk-crypt)
+    echo "$1 $(grep -F VmRSS /proc/$p/status | tr -s ' ' | cut -d' ' -f2) $(grep -F VmLck /proc/$p/status | tr -s ' ' | cut -d' ' -f2)"
+}
+vm_section env sh -c 'uname -r; grep -m1 "model name" /proc/cpuinfo; nproc; fio --version'
+"#,
+    );
+    for (label, open, close) in DEVICES {
+        let _ = writeln!(s, "{open}\necho \"device {label}: $dev\"");
+        if label == "ublk-crypt" {
+            s += "vm_section mem-default-idle mem idle\n";
+        }
+        for job in &JOBS {
+            let _ = writeln!(
+                s,
+                "fio --name=j --filename=$dev --direct=1 --ioengine=io_uring --size=256M \
+                 --time_based --runtime={runtime} --ramp_time=1 {} --output-format=json > /tmp/f.json",
+                job.args
+            );
+            let _ = writeln!(s, "vm_section 'fio {label} {}' cat /tmp/f.json", job.name);
+        }
+        if label == "ublk-crypt" {
+            // Memory under load: sampled in the middle of a QD32 random-write run.
+            let _ = writeln!(
+                s,
+                "fio --name=j --filename=$dev --direct=1 --ioengine=io_uring --size=256M --time_based \
+                 --runtime=6 --rw=randwrite --bs=64k --iodepth=64 --output-format=terse > /dev/null &\n\
+                 sleep 4; vm_section mem-default-load mem load; wait"
+            );
+        }
+        let _ = writeln!(s, "{close}");
+    }
+    // Memory of a deep queue: --depth 128 under 128-deep load.
+    s += r#"
+dev=$(ublk-crypt open /dev/vdc -s 512 --depth 128 --key-file /root/key --name b)
+vm_section mem-depth128-idle mem idle
+fio --name=j --filename=$dev --direct=1 --ioengine=io_uring --size=256M --time_based --runtime=6 --rw=randwrite --bs=64k --iodepth=128 --output-format=terse > /dev/null &
+sleep 4; vm_section mem-depth128-load mem load; wait
+ublk-crypt close b
+echo bench done
+"#;
+    s
+}
+
+#[derive(Default, Clone)]
+struct Result1 {
+    iops: f64,
+    mbps: f64,
+    mean_us: f64,
+    p99_us: f64,
+}
+
+fn parse_fio(text: &str) -> Result1 {
+    let start = text.find('{').expect("fio JSON");
+    let v: Value = serde_json::from_str(&text[start..]).expect("fio JSON");
+    let job = &v["jobs"][0];
+    let side = if job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0 {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    Result1 {
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        mbps: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        mean_us: side["clat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1e3,
+        p99_us: side["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e3,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime: u64 = args
+        .iter()
+        .position(|a| a == "--runtime")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let key: Vec<u8> = (0..64u32).map(|i| (i * 53 + 9) as u8).collect();
+    eprintln!(
+        "fio-bench: {} devices x {} jobs x {runtime} s in one VM boot",
+        DEVICES.len(),
+        JOBS.len()
+    );
+    let out = Vm::builder()
+        .name("fio-bench")
+        .memory_mib(1024)
+        .cpus(2)
+        .disk_mib(1024)
+        .disk_mib(1024)
+        .disk_mib(1024)
+        .binary(release_binary("ublk-crypt"))
+        .host_tool("cryptsetup")
+        .host_tool("fio")
+        .file("/root/key", key)
+        .stall_timeout(Duration::from_secs(120))
+        .timeout(Duration::from_secs(3000))
+        .run(&guest_script(runtime))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let env = out.section("env").unwrap_or_default();
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let host_cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+
+    let mut results = serde_json::Map::new();
+    let get = |label: &str, job: &str| {
+        parse_fio(
+            &out.section(&format!("fio {label} {job}"))
+                .unwrap_or_default(),
+        )
+    };
+    let mut md = String::new();
+    let _ = writeln!(md, "# fio side by side (one TCG VM boot)\n");
+    let _ = writeln!(md, "Guest: {} · host CPU: {host_cpu} · {qemu} · 2 vCPUs, 1 GiB, virtio disks `cache=none`, `direct=1`, `ioengine=io_uring`, {runtime} s per job.\n", env.lines().next().unwrap_or("?"));
+    let _ = writeln!(md, "**Under TCG every figure is emulated and slow; only ratios inside one run mean anything.**\n");
+    let _ = writeln!(
+        md,
+        "| job | device | IOPS | MB/s | mean µs | p99 µs | vs dm-crypt |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<20} {:<14} {:>9} {:>8} {:>10} {:>10} {:>8}",
+        "job", "device", "IOPS", "MB/s", "mean us", "p99 us", "vs dm"
+    );
+    for job in &JOBS {
+        let base = get("dm-crypt", job.name);
+        let base4k = get("dm-crypt-4k", job.name);
+        for (label, _, _) in DEVICES {
+            let r = get(label, job.name);
+            let anchor = if label.ends_with("-4k") {
+                &base4k
+            } else {
+                &base
+            };
+            let ratio = if anchor.iops > 0.0 {
+                r.iops / anchor.iops
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {label} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2}× |",
+                job.name, r.iops, r.mbps, r.mean_us, r.p99_us, ratio
+            );
+            let _ = writeln!(
+                table,
+                "{:<20} {:<14} {:>9.0} {:>8.1} {:>10.0} {:>10.0} {:>7.2}x",
+                job.name, label, r.iops, r.mbps, r.mean_us, r.p99_us, ratio
+            );
+            results.insert(format!("{label}/{}", job.name), json!({"iops": r.iops, "mb_s": r.mbps, "mean_us": r.mean_us, "p99_us": r.p99_us, "ratio_vs_dm_crypt": ratio}));
+        }
+    }
+    let _ = writeln!(md, "\nRatios of `-4k` rows are against dm-crypt with 4096-byte sectors; the others against dm-crypt with 512-byte sectors.\n");
+    let _ = writeln!(
+        md,
+        "## ublk-crypt daemon memory (KiB)\n\n| configuration | RSS | VmLck |\n|---|---:|---:|"
+    );
+    let mut mem = serde_json::Map::new();
+    for key in [
+        "mem-default-idle",
+        "mem-default-load",
+        "mem-depth128-idle",
+        "mem-depth128-load",
+    ] {
+        let line = out.section(key).unwrap_or_default();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (rss, lck) = (
+            f.get(1).copied().unwrap_or("?"),
+            f.get(2).copied().unwrap_or("?"),
+        );
+        let _ = writeln!(md, "| {} | {rss} | {lck} |", key.trim_start_matches("mem-"));
+        mem.insert(
+            key.to_string(),
+            json!({"rss_kib": rss.parse::<u64>().ok(), "vmlck_kib": lck.parse::<u64>().ok()}),
+        );
+        let _ = writeln!(
+            table,
+            "memory {:<22} RSS {rss:>6} KiB  VmLck {lck:>6} KiB",
+            key.trim_start_matches("mem-")
+        );
+    }
+    let crypto = Command::new(release_binary("crypto-bench"))
+        .arg("--markdown")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|| "(crypto-bench not built)".into());
+    let _ = writeln!(
+        md,
+        "\n## Crypto micro-benchmark (host, one core)\n\n{crypto}"
+    );
+    print!("{table}\n{crypto}");
+
+    let dir = workspace_root().join("bench/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("latest.md"), &md).unwrap();
+    let report = json!({"env": env, "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
+    std::fs::write(
+        dir.join("latest.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    eprintln!("wrote {}", dir.join("latest.md").display());
+}
