@@ -127,13 +127,11 @@ impl IoPath<'_> {
         )
     }
 
-    /// A chunk for the next piece: from the pool's free chunks if any, else wait for one to
-    /// come back. Never called while this IO holds another chunk.
+    /// A chunk for the next piece: at once if one is free to this queue, else the first one
+    /// returned (the pool's `acquire` tries before it waits). Never called while this IO
+    /// holds another chunk.
     async fn chunk(&self) -> Chunk<'_> {
-        match self.pool.try_acquire(self.queue) {
-            Some(c) => c,
-            None => self.pool.acquire(self.queue).await,
-        }
+        self.pool.acquire(self.queue).await
     }
 
     async fn write(&self, io: &IoDesc, req: &impl RequestData, backing: &impl BackingIo) -> i32 {
