@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::{control, recovery, target};
+use crate::benchmark::BenchmarkArgs;
+use crate::{benchmark, control, docs, recovery, target};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,7 +18,15 @@ use crate::{control, recovery, target};
     long_about = "Serves /dev/ublkbN, encrypting every write and decrypting every read, storing \
                   exactly what `cryptsetup open --type plain` with the same options would store. \
                   Its IO path runs from a preallocated, locked buffer pool and survives OOM \
-                  pressure, so it can back encrypted swap."
+                  pressure, so it can back encrypted swap.",
+    after_long_help = "Examples:
+  Encrypted swap with a fresh key (as root):
+    dev=$(ublk-crypt open /dev/sdb2 --key-file /dev/urandom --name swap)
+    mkswap \"$dev\" && swapon \"$dev\"
+  Open a volume made by `cryptsetup open --type plain -c aes-xts-plain64 -s 512 -d KEY`:
+    ublk-crypt open /dev/sdc --key-file KEY --name data
+  Under systemd: ublk-crypt@NAME.service and ublk-crypt-swap@NAME.service.
+  Per-cipher speed of this machine: ublk-crypt benchmark"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -54,6 +63,22 @@ pub enum Command {
         /// Stay in the foreground (for systemd, Type=notify).
         #[arg(long)]
         foreground: bool,
+    },
+    /// Throughput of every supported cipher and key size on this machine, in memory, like
+    /// `cryptsetup benchmark` (needs no ublk and no privileges).
+    Benchmark(BenchmarkArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write every page (one per subcommand) into --dir.
+    #[command(hide = true)]
+    Manpage {
+        /// Write ublk-crypt.8 and ublk-crypt-SUBCOMMAND.8 into this directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -163,6 +188,9 @@ pub fn run() -> Result<ExitCode> {
         Command::List { json } => control::list(json),
         Command::Status { device, json } => control::status(&device, json),
         Command::Recover { device, foreground } => recovery::recover(&device, foreground),
+        Command::Benchmark(args) => benchmark::benchmark(args),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Manpage { dir } => docs::manpage(dir.as_deref()),
     }
 }
 

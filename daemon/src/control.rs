@@ -206,6 +206,7 @@ pub fn close(device: &str) -> Result<ExitCode> {
     let st = target::device_state(rec.id);
     match st {
         Ok(st) if st.daemon_alive => {
+            refuse_if_in_use(&rec)?;
             request(&rec, "close")?;
             let deadline = Instant::now() + Duration::from_secs(60);
             while target::device_exists(rec.id) {
@@ -230,6 +231,24 @@ pub fn close(device: &str) -> Result<ExitCode> {
     crate::recovery::forget_key(rec.id);
     state::remove(rec.id);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Like `cryptsetup close`, refuse to pull a device out from under a mount or a swap area:
+/// both hold the block device exclusively, so an exclusive open fails with EBUSY.
+fn refuse_if_in_use(rec: &DeviceRecord) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(rec.bdev_path())
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(
+            "{} ({}) is in use (mounted, swapped on, or held open exclusively): unmount or swapoff it first",
+            rec.name,
+            rec.bdev_path()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// `ublk-crypt list`.

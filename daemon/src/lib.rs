@@ -2,8 +2,10 @@
 //! example under a counting allocator) without a kernel. See `main.rs` for the file map.
 
 pub mod backing;
+pub mod benchmark;
 pub mod cli;
 pub mod control;
+pub mod docs;
 pub mod executor;
 pub mod hardening;
 pub mod io;

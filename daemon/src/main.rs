@@ -13,7 +13,9 @@
 //! - [`target`]: the ublk device: creation, parameters, queue threads;
 //! - [`control`]: the control plane (signals, status socket, readiness), and its clients;
 //! - [`recovery`]: keeping the key for a restarted daemon, and re-attaching to a device;
-//! - [`state`]: the runtime records under `/run/ublk-crypt` that `list`/`close`/`recover` read.
+//! - [`state`]: the runtime records under `/run/ublk-crypt` that `list`/`close`/`recover` read;
+//! - [`benchmark`]: `ublk-crypt benchmark`, per-cipher throughput like `cryptsetup benchmark`;
+//! - [`docs`]: shell completions and man pages generated from the CLI definition.
 
 use std::process::ExitCode;
 

@@ -137,6 +137,9 @@ fn swap_on_the_device() {
             vm_section pswpout sh -c "grep -E '^pswp(in|out) ' /proc/vmstat"
             vm_section status ublk-crypt status swap0
             rm /mnt/big/f*
+            # Like cryptsetup, close refuses while the device is swapped on.
+            if ublk-crypt close swap0 2> /tmp/err; then echo "closed while in use"; exit 1; fi
+            grep -F "in use" /tmp/err
             swapoff $dev
             ublk-crypt close swap0
             echo swap ok
