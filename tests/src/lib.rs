@@ -4,6 +4,7 @@
 //! KVM, so every test that needs a real kernel boots Debian's kernel under qemu (TCG) with a
 //! tiny busybox initramfs. See `tests/README.md` for how it works and how to use it.
 
+pub mod torture;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

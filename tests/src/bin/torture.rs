@@ -1,0 +1,169 @@
+//! `scripts/torture`: the OOM torture as a benchmark: the same torture on swap over ublk-crypt,
+//! kernel dm-crypt and ublk-crypt with its protections off, one VM each, run back to back,
+//! with pass times side by side and the daemon's memory and pool figures.
+//!
+//! ```text
+//! torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N]
+//!         [--crash] [--cpus N]
+//! ```
+//!
+//! Exit status 1 when a run on ublk-crypt or dm-crypt failed the torture's verdict; the
+//! unprotected run is reported, never judged (it is expected to be able to freeze).
+
+use std::process::ExitCode;
+
+use ublk_crypt_tests::torture::{Backend, Profile, Report, Torture};
+
+fn main() -> ExitCode {
+    let mut profile = Profile::Short;
+    let mut backends = vec![Backend::DmCrypt, Backend::UblkCrypt];
+    let mut rounds = 1;
+    let mut crash = false;
+    let mut cpus = 2;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--long" => profile = Profile::Long,
+            "--crash" => crash = true,
+            "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
+            "--backends" => {
+                let v = args.next().unwrap_or_default();
+                backends = match v
+                    .split(',')
+                    .map(|b| Backend::parse(b).ok_or(b.to_string()))
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(b) => b,
+                    Err(b) => {
+                        eprintln!("torture: unknown backend {b}");
+                        return ExitCode::from(2);
+                    }
+                };
+            }
+            _ => {
+                eprintln!(
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N]"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut reports: Vec<(String, Report)> = vec![];
+    let mut failed = false;
+    for round in 1..=rounds {
+        for &b in &backends {
+            let phases = if crash && b.is_ublk() {
+                profile.crash_phases()
+            } else {
+                profile.oom_phases()
+            };
+            let mut t = Torture::new(b, phases);
+            t.cpus = cpus;
+            let label = format!("{}#{round}", b.name());
+            t.name = Some(format!("torture-{}-{round}", b.name()));
+            eprintln!("torture: running {label} ({profile:?} profile, {cpus} vCPUs)");
+            let r = match t.run() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("torture: {label}: VM unavailable: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let f = r.failures();
+            println!("{}", r.summary());
+            if f.is_empty() {
+                println!("  verdict: PASS");
+            } else {
+                println!("  verdict: FAIL\n    {}", f.join("\n    "));
+                if b != Backend::UblkCryptUnprotected {
+                    failed = true;
+                }
+                println!("  last console lines:\n{}", r.console_tail);
+            }
+            reports.push((label, r));
+        }
+    }
+    print_table(&reports);
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Pass times side by side: one row per (hog, pass), one column per run.
+fn print_table(reports: &[(String, Report)]) {
+    let mut rows: Vec<(String, u32, String)> = vec![];
+    for (_, r) in reports {
+        for (name, h) in &r.hogs {
+            for p in &h.passes {
+                let key = (name.clone(), p.pass, format!("{} {}", p.kind, p.order));
+                if !rows.contains(&key) {
+                    rows.push(key);
+                }
+            }
+        }
+    }
+    println!("\n== pass times (s), side by side");
+    print!("{:<34}", "hog / pass");
+    for (label, _) in reports {
+        print!("{label:>26}");
+    }
+    println!();
+    for (hog, pass, what) in &rows {
+        print!("{:<34}", format!("{hog} {pass} {what}"));
+        for (_, r) in reports {
+            let cell = r
+                .hogs
+                .get(hog)
+                .and_then(|h| h.passes.iter().find(|p| p.pass == *pass))
+                .map_or("-".to_string(), |p| format!("{:.1}", p.secs));
+            print!("{cell:>26}");
+        }
+        println!();
+    }
+    print!("{:<34}", "VM run (s)");
+    for (_, r) in reports {
+        print!("{:>26}", format!("{:.0}", r.duration.as_secs_f64()));
+    }
+    println!();
+    print!("{:<34}", "daemon VmLck max (KiB)");
+    for (_, r) in reports {
+        let (lck, _) = r.daemon_peak();
+        print!(
+            "{:>26}",
+            if r.daemon.is_empty() {
+                "-".into()
+            } else {
+                lck.to_string()
+            }
+        );
+    }
+    println!();
+    print!("{:<34}", "pool high water / waits");
+    for (_, r) in reports {
+        let cell = match r.pool.last() {
+            Some(p) => format!(
+                "{} / {}",
+                r.pool.iter().map(|p| p.high_water).max().unwrap_or(0),
+                p.waits
+            ),
+            None => "-".into(),
+        };
+        print!("{cell:>26}");
+    }
+    println!();
+    print!("{:<34}", "verdict");
+    for (_, r) in reports {
+        print!(
+            "{:>26}",
+            if r.failures().is_empty() {
+                "pass"
+            } else {
+                "FAIL"
+            }
+        );
+    }
+    println!();
+}
