@@ -67,7 +67,11 @@ fn parse() -> Result<Opts, String> {
             _ => return Err(format!("unknown argument {a}")),
         }
     }
-    if o.mem < 128 || o.hog_mib < o.mem || o.hog_mib % 16 != 0 || !(1..=4).contains(&o.cpus) {
+    if o.mem < 128
+        || o.hog_mib < o.mem
+        || !o.hog_mib.is_multiple_of(16)
+        || !(1..=4).contains(&o.cpus)
+    {
         return Err(
             "need --mem >= 128, --hog-mib >= --mem and a multiple of 16, --cpus 1..4".into(),
         );
