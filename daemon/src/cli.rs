@@ -170,6 +170,11 @@ pub struct OpenArgs {
     #[arg(long, default_value_t = 512)]
     pub max_io_kib: u32,
 
+    /// Crypto worker threads for large IOs (default: one per CPU, at most 8; 0 = encrypt on
+    /// the queue threads only).
+    #[arg(long)]
+    pub crypto_threads: Option<usize>,
+
     /// Stay in the foreground; under systemd (Type=notify) signal readiness.
     #[arg(long)]
     pub foreground: bool,

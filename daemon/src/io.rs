@@ -8,6 +8,10 @@
 //! READ:  for each piece: chunk ← pool;  backing → chunk;  decrypt(chunk);  chunk → request (user copy)
 //! ```
 //!
+//! The AES itself goes through [`SectorCrypto`]: inline on the queue thread, or (in the daemon,
+//! for pieces of at least 32 KiB) on the crypto workers of `offload.rs`, so one queue can use
+//! every CPU the way dm-crypt's kcryptd does.
+//!
 //! Plaintext never touches the backing and ciphertext never reaches the request; encryption
 //! happens in the locked pool chunk, never in the caller's pages. Each IO holds at most one
 //! chunk and never waits for the pool while holding one, which is the pool's forward-progress
@@ -64,10 +68,50 @@ pub trait BackingIo {
     async fn discard(&self, offset: u64, len: u64) -> i32;
 }
 
+/// Encrypts or decrypts `chunk[..len]` in place, sector numbers starting at `sector`, and
+/// gives the chunk back with the cipher's verdict. The chunk moves in and out so that the work
+/// may happen on another thread without sharing memory.
+#[allow(async_fn_in_trait)] // used only with static dispatch, on one thread
+pub trait SectorCrypto {
+    async fn crypt(
+        &self,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool);
+}
+
+/// The AES on the calling thread.
+pub struct InlineCrypto<'a>(pub &'a SectorCipher);
+
+impl InlineCrypto<'_> {
+    pub fn run(cipher: &SectorCipher, chunk: &mut [u8], sector: u64, encrypt: bool) -> bool {
+        if encrypt {
+            cipher.encrypt(sector, chunk).is_ok()
+        } else {
+            cipher.decrypt(sector, chunk).is_ok()
+        }
+    }
+}
+
+impl SectorCrypto for InlineCrypto<'_> {
+    async fn crypt(
+        &self,
+        mut chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        let ok = Self::run(self.0, &mut chunk[..len], sector, encrypt);
+        (chunk, ok)
+    }
+}
+
 /// Everything one queue needs to serve requests; one per queue thread.
 pub struct IoPath<'a> {
-    pub cipher: &'a SectorCipher,
-    pub pool: &'a Pool,
+    /// The daemon's pool lives as long as the process; chunks may move to crypto workers.
+    pub pool: &'static Pool,
     pub queue: usize,
     /// Byte offset of device sector 0 on the backing (`--offset`).
     pub data_offset: u64,
@@ -84,11 +128,12 @@ impl IoPath<'_> {
         io: &IoDesc,
         req: &impl RequestData,
         backing: &impl BackingIo,
+        crypto: &impl SectorCrypto,
     ) -> i32 {
         let res = match io.op {
-            op::READ => self.read(io, req, backing).await,
+            op::READ => self.read(io, req, backing, crypto).await,
             op::WRITE if self.readonly => -libc::EROFS,
-            op::WRITE => self.write(io, req, backing).await,
+            op::WRITE => self.write(io, req, backing, crypto).await,
             op::FLUSH => {
                 QueueCounters::add(&self.counters.flushes, 1);
                 backing.flush().await
@@ -130,26 +175,32 @@ impl IoPath<'_> {
     /// A chunk for the next piece: at once if one is free to this queue, else the first one
     /// returned (the pool's `acquire` tries before it waits). Never called while this IO
     /// holds another chunk.
-    async fn chunk(&self) -> Chunk<'_> {
+    async fn chunk(&self) -> Chunk<'static> {
         self.pool.acquire(self.queue).await
     }
 
-    async fn write(&self, io: &IoDesc, req: &impl RequestData, backing: &impl BackingIo) -> i32 {
+    async fn write(
+        &self,
+        io: &IoDesc,
+        req: &impl RequestData,
+        backing: &impl BackingIo,
+        crypto: &impl SectorCrypto,
+    ) -> i32 {
         let total = (io.nr_sectors as usize) << 9;
         let (base, _) = self.backing_range(io);
         let mut done = 0usize;
         while done < total {
             let mut chunk = self.chunk().await;
             let n = (total - done).min(chunk.len());
-            let buf = &mut chunk[..n];
-            if let Err(e) = req.copy_out(done as u32, buf) {
+            if let Err(e) = req.copy_out(done as u32, &mut chunk[..n]) {
                 return e;
             }
             let sector = io.start_sector + (done >> 9) as u64;
-            if self.cipher.encrypt(sector, buf).is_err() {
+            let (chunk, ok) = crypto.crypt(chunk, n, sector, true).await;
+            if !ok {
                 return -libc::EINVAL;
             }
-            let r = write_all(backing, buf, base + done as u64).await;
+            let r = write_all(backing, &chunk[..n], base + done as u64).await;
             if r < 0 {
                 return r;
             }
@@ -159,23 +210,29 @@ impl IoPath<'_> {
         total as i32
     }
 
-    async fn read(&self, io: &IoDesc, req: &impl RequestData, backing: &impl BackingIo) -> i32 {
+    async fn read(
+        &self,
+        io: &IoDesc,
+        req: &impl RequestData,
+        backing: &impl BackingIo,
+        crypto: &impl SectorCrypto,
+    ) -> i32 {
         let total = (io.nr_sectors as usize) << 9;
         let (base, _) = self.backing_range(io);
         let mut done = 0usize;
         while done < total {
             let mut chunk = self.chunk().await;
             let n = (total - done).min(chunk.len());
-            let buf = &mut chunk[..n];
-            let r = read_all(backing, buf, base + done as u64).await;
+            let r = read_all(backing, &mut chunk[..n], base + done as u64).await;
             if r < 0 {
                 return r;
             }
             let sector = io.start_sector + (done >> 9) as u64;
-            if self.cipher.decrypt(sector, buf).is_err() {
+            let (chunk, ok) = crypto.crypt(chunk, n, sector, false).await;
+            if !ok {
                 return -libc::EINVAL;
             }
-            if let Err(e) = req.copy_in(done as u32, buf) {
+            if let Err(e) = req.copy_in(done as u32, &chunk[..n]) {
                 return e;
             }
             done += n;

@@ -10,6 +10,7 @@ pub mod executor;
 pub mod hardening;
 pub mod io;
 pub mod key_source;
+pub mod offload;
 pub mod recovery;
 pub mod state;
 pub mod stats;

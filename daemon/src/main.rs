@@ -10,6 +10,7 @@
 //! - [`hardening`]: what keeps the daemon alive and out of reclaim under OOM;
 //! - [`io`]: the IO path, fetch → (decrypt|encrypt) → backing IO → commit;
 //! - [`executor`]: the allocation-free per-tag executor each queue thread runs;
+//! - [`offload`]: crypto worker threads, so one queue's AES can use every CPU;
 //! - [`target`]: the ublk device: creation, parameters, queue threads;
 //! - [`control`]: the control plane (signals, status socket, readiness), and its clients;
 //! - [`recovery`]: keeping the key for a restarted daemon, and re-attaching to a device;

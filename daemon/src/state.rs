@@ -38,6 +38,9 @@ pub struct DeviceRecord {
     pub depth: u16,
     pub pool_mib: usize,
     pub max_io_kib: u32,
+    /// Crypto worker threads (0: encrypt on the queue threads only).
+    #[serde(default)]
+    pub crypto_threads: usize,
     /// Whether the OOM protections are on (off only in tests).
     pub protections: bool,
     /// Pid of the serving daemon.
@@ -160,6 +163,7 @@ mod tests {
             depth: 64,
             pool_mib: 16,
             max_io_kib: 512,
+            crypto_threads: 2,
             protections: true,
             pid: 1,
         };

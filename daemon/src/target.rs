@@ -27,8 +27,9 @@ use crate::cli::OpenArgs;
 use crate::control::{self, Event};
 use crate::executor::{block_on, TagExecutor};
 use crate::hardening::{self, Protections};
-use crate::io::{BackingIo, IoDesc, IoPath, RateLimit, RequestData};
+use crate::io::{BackingIo, InlineCrypto, IoDesc, IoPath, RateLimit, RequestData, SectorCrypto};
 use crate::key_source::KeySpec;
+use crate::offload::{CryptoWorkers, MIN_OFFLOAD_BYTES};
 use crate::recovery;
 use crate::state::{self, DeviceRecord};
 use crate::stats::QueueCounters;
@@ -38,8 +39,10 @@ const UBLK_CONTROL: &str = "/dev/ublk-control";
 /// Everything the queue threads and the control plane share, alive for the process lifetime.
 pub struct DeviceContext {
     pub record: Mutex<DeviceRecord>,
-    pub cipher: SectorCipher,
-    pub pool: Pool,
+    pub cipher: &'static SectorCipher,
+    /// Crypto workers for large pieces; `None` with `--crypto-threads 0`.
+    pub workers: Option<&'static CryptoWorkers>,
+    pub pool: &'static Pool,
     pub backing: Backing,
     pub geometry: Geometry,
     pub counters: Vec<QueueCounters>,
@@ -160,6 +163,9 @@ pub fn open(args: OpenArgs) -> Result<ExitCode> {
         depth: args.depth,
         pool_mib: args.pool_mib,
         max_io_kib: args.max_io_kib,
+        crypto_threads: args
+            .crypto_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8))),
         protections: !args.test_disable_protections,
         pid: 0,
     };
@@ -471,12 +477,28 @@ fn serve_inner(
     state::save(record).map_err(cleanup)?;
 
     let (tx, rx) = mpsc::channel();
+    let cipher: &'static SectorCipher = Box::leak(Box::new(cipher));
+    let pool: &'static Pool = Box::leak(Box::new(pool));
+    let workers = match record.crypto_threads {
+        0 => None,
+        n => Some(
+            CryptoWorkers::start(
+                cipher,
+                usize::from(record.queues) * usize::from(record.depth),
+                n,
+                protections,
+                || {},
+            )
+            .map_err(cleanup)?,
+        ),
+    };
     let ctx: &'static DeviceContext = Box::leak(Box::new(DeviceContext {
         counters: (0..record.queues)
             .map(|_| QueueCounters::default())
             .collect(),
         record: Mutex::new(record.clone()),
         cipher,
+        workers,
         pool,
         backing,
         geometry,
@@ -637,8 +659,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         (rec.readonly, rec.allow_discards)
     };
     let io = IoPath {
-        cipher: &ctx.cipher,
-        pool: &ctx.pool,
+        pool: ctx.pool,
         queue: usize::from(qid),
         data_offset: ctx.geometry.data_offset,
         readonly,
@@ -651,7 +672,16 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         fd: ctx.backing.file().as_raw_fd(),
         block_device: ctx.backing.block_device,
     };
-    let exe = TagExecutor::new(q.tags().map(|tag| serve_tag(&q, tag, &io, &backing)));
+    let depth = usize::from(q.dev.dev_info.queue_depth);
+    let exe = TagExecutor::new(q.tags().map(|tag| {
+        let crypto = QueueCrypto {
+            q: &q,
+            cipher: ctx.cipher,
+            workers: ctx.workers,
+            slot: usize::from(qid) * depth + usize::from(tag),
+        };
+        serve_tag(&q, tag, &io, &backing, crypto)
+    }));
     let r = block_on(libublk::wait_and_handle_io_events(
         &q,
         Some(20),
@@ -665,7 +695,13 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
 }
 
 /// One tag's life: fetch a request, serve it, commit the result (which fetches the next).
-async fn serve_tag(q: &UblkQueue<'_>, tag: u16, io: &IoPath<'_>, backing: &UringBacking<'_>) {
+async fn serve_tag(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    io: &IoPath<'_>,
+    backing: &UringBacking<'_>,
+    crypto: QueueCrypto<'_>,
+) {
     let req = UserCopy {
         fd: q.dev.tgt.fds[0],
         qid: q.get_qid(),
@@ -689,7 +725,7 @@ async fn serve_tag(q: &UblkQueue<'_>, tag: u16, io: &IoPath<'_>, backing: &Uring
             start_sector: iod.start_sector,
             nr_sectors: iod.nr_sectors,
         };
-        let res = io.handle(&desc, &req, backing).await;
+        let res = io.handle(&desc, &req, backing, &crypto).await;
         fetched = q.submit_io_commit_cmd(tag, BufDesc::Slice(&[]), res).await;
     }
 }
@@ -807,5 +843,47 @@ impl BackingIo for UringBacking<'_> {
                 .build();
             self.q.ublk_submit_sqe(sqe).await
         }
+    }
+}
+
+/// A tag's AES: pieces of at least [`MIN_OFFLOAD_BYTES`] go to the crypto workers, whose
+/// completion this task awaits as a read of its slot's eventfd on the queue's io_uring (so the
+/// queue thread serves other tags meanwhile); smaller pieces run inline.
+struct QueueCrypto<'a> {
+    q: &'a UblkQueue<'a>,
+    cipher: &'static SectorCipher,
+    workers: Option<&'static CryptoWorkers>,
+    slot: usize,
+}
+
+impl SectorCrypto for QueueCrypto<'_> {
+    async fn crypt(
+        &self,
+        chunk: ublk_crypt_pool::Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (ublk_crypt_pool::Chunk<'static>, bool) {
+        let Some(workers) = self.workers.filter(|_| len >= MIN_OFFLOAD_BYTES) else {
+            return InlineCrypto(self.cipher)
+                .crypt(chunk, len, sector, encrypt)
+                .await;
+        };
+        workers.submit(self.slot, chunk, len, sector, encrypt);
+        let mut counter = [0u8; 8];
+        loop {
+            let sqe = opcode::Read::new(
+                types::Fd(workers.done_fd(self.slot)),
+                counter.as_mut_ptr(),
+                8,
+            )
+            .build();
+            // The worker holds the chunk until it writes the eventfd: keep waiting through any
+            // transient error rather than take the chunk back early.
+            if self.q.ublk_submit_sqe(sqe).await == 8 {
+                break;
+            }
+        }
+        workers.finish(self.slot)
     }
 }

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use common::{MemBacking, MemRequest};
 use ublk_crypt::executor::block_on;
-use ublk_crypt::io::{op, IoDesc, IoPath, RateLimit};
+use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
 use ublk_crypt_pool::{Pool, PoolConfig};
@@ -26,21 +26,24 @@ fn cipher(sector_size: u32) -> SectorCipher {
     SectorCipher::new(spec, &Key::from_bytes(&key), layout).unwrap()
 }
 
-/// The smallest legal pool: one reserve chunk for the single queue plus one shared.
-fn tiny_pool() -> Pool {
-    Pool::new(PoolConfig {
-        budget_bytes: 2 * 65536,
-        chunk_bytes: 65536,
-        queues: 1,
-        reserve_per_queue: 1,
-        lock: false,
-    })
-    .unwrap()
+/// The smallest legal pool: one reserve chunk for the single queue plus one shared. Leaked,
+/// like the daemon's: chunks are `Chunk<'static>` so they can move to crypto workers.
+fn tiny_pool() -> &'static Pool {
+    Box::leak(Box::new(
+        Pool::new(PoolConfig {
+            budget_bytes: 2 * 65536,
+            chunk_bytes: 65536,
+            queues: 1,
+            reserve_per_queue: 1,
+            lock: false,
+        })
+        .unwrap(),
+    ))
 }
 
 struct Rig {
     cipher: SectorCipher,
-    pool: Pool,
+    pool: &'static Pool,
     counters: QueueCounters,
     log: RateLimit,
 }
@@ -56,8 +59,7 @@ impl Rig {
     }
     fn path(&self, data_offset: u64, readonly: bool, allow_discards: bool) -> IoPath<'_> {
         IoPath {
-            cipher: &self.cipher,
-            pool: &self.pool,
+            pool: self.pool,
             queue: 0,
             data_offset,
             readonly,
@@ -87,7 +89,10 @@ fn one_mib_write_then_read_through_a_two_chunk_pool() {
             start_sector: 2048,
             nr_sectors: (1 << 20) >> 9,
         };
-        assert_eq!(block_on(io.handle(&desc, &req, &backing)), 1 << 20);
+        assert_eq!(
+            block_on(io.handle(&desc, &req, &backing, &InlineCrypto(&rig.cipher))),
+            1 << 20
+        );
 
         // What landed on the backing, after the 8 KiB offset, is dm-crypt's ciphertext.
         let mut expect = plain.clone();
@@ -107,7 +112,10 @@ fn one_mib_write_then_read_through_a_two_chunk_pool() {
             op: op::READ,
             ..desc
         };
-        assert_eq!(block_on(io.handle(&desc, &out, &backing)), 1 << 20);
+        assert_eq!(
+            block_on(io.handle(&desc, &out, &backing, &InlineCrypto(&rig.cipher))),
+            1 << 20
+        );
         assert!(*out.0.borrow() == plain, "read back plaintext");
 
         let s = rig.counters.snapshot();
@@ -134,7 +142,10 @@ fn short_backing_transfers_are_completed() {
         start_sector: 0,
         nr_sectors: 256,
     };
-    assert_eq!(block_on(io.handle(&desc, &req, &backing)), 128 << 10);
+    assert_eq!(
+        block_on(io.handle(&desc, &req, &backing, &InlineCrypto(&rig.cipher))),
+        128 << 10
+    );
     let out = MemRequest(RefCell::new(vec![0; 128 << 10]));
     assert_eq!(
         block_on(io.handle(
@@ -143,7 +154,8 @@ fn short_backing_transfers_are_completed() {
                 ..desc
             },
             &out,
-            &backing
+            &backing,
+            &InlineCrypto(&rig.cipher)
         )),
         128 << 10
     );
@@ -161,7 +173,10 @@ fn refusals_and_errors_have_the_right_errno() {
         nr_sectors: 8,
     };
     assert_eq!(
-        block_on(rig.path(0, true, false).handle(&w, &req, &backing)),
+        block_on(
+            rig.path(0, true, false)
+                .handle(&w, &req, &backing, &InlineCrypto(&rig.cipher))
+        ),
         -libc::EROFS
     );
     let d = IoDesc {
@@ -170,11 +185,17 @@ fn refusals_and_errors_have_the_right_errno() {
         nr_sectors: 8,
     };
     assert_eq!(
-        block_on(rig.path(0, false, false).handle(&d, &req, &backing)),
+        block_on(
+            rig.path(0, false, false)
+                .handle(&d, &req, &backing, &InlineCrypto(&rig.cipher))
+        ),
         -libc::EOPNOTSUPP
     );
     assert_eq!(
-        block_on(rig.path(512, false, true).handle(&d, &req, &backing)),
+        block_on(
+            rig.path(512, false, true)
+                .handle(&d, &req, &backing, &InlineCrypto(&rig.cipher))
+        ),
         0
     );
     assert_eq!(*backing.discards.borrow(), vec![(512 + 4096, 4096)]);
@@ -183,7 +204,10 @@ fn refusals_and_errors_have_the_right_errno() {
         ..d
     };
     assert_eq!(
-        block_on(rig.path(0, false, true).handle(&z, &req, &backing)),
+        block_on(
+            rig.path(0, false, true)
+                .handle(&z, &req, &backing, &InlineCrypto(&rig.cipher))
+        ),
         -libc::EOPNOTSUPP
     );
     let f = IoDesc {
@@ -192,20 +216,31 @@ fn refusals_and_errors_have_the_right_errno() {
         nr_sectors: 0,
     };
     assert_eq!(
-        block_on(rig.path(0, false, false).handle(&f, &req, &backing)),
+        block_on(
+            rig.path(0, false, false)
+                .handle(&f, &req, &backing, &InlineCrypto(&rig.cipher))
+        ),
         0
     );
     assert_eq!(*backing.flushes.borrow(), 1);
     let bad = IoDesc { op: 77, ..f };
     assert_eq!(
-        block_on(rig.path(0, false, false).handle(&bad, &req, &backing)),
+        block_on(rig.path(0, false, false).handle(
+            &bad,
+            &req,
+            &backing,
+            &InlineCrypto(&rig.cipher)
+        )),
         -libc::EINVAL
     );
 
     let mut failing = MemBacking::new(1 << 20);
     failing.fail = Some(libc::EIO);
     assert_eq!(
-        block_on(rig.path(0, false, false).handle(&w, &req, &failing)),
+        block_on(
+            rig.path(0, false, false)
+                .handle(&w, &req, &failing, &InlineCrypto(&rig.cipher))
+        ),
         -libc::EIO
     );
     assert_eq!(rig.pool.stats().in_use, 0, "a failed IO returns its chunk");
@@ -223,7 +258,10 @@ fn misaligned_io_for_4k_sectors_is_rejected_not_corrupted() {
         nr_sectors: 8,
     };
     assert_eq!(
-        block_on(rig.path(0, false, false).handle(&w, &req, &backing)),
+        block_on(
+            rig.path(0, false, false)
+                .handle(&w, &req, &backing, &InlineCrypto(&rig.cipher))
+        ),
         -libc::EINVAL
     );
     assert!(backing.data.borrow().iter().all(|&b| b == 0));

@@ -1,5 +1,5 @@
-//! No heap allocation on the IO path in steady state: a counting global allocator watches
-//! many requests — reads, writes larger than a pool chunk, flushes — served by the same
+//! No heap allocation on the IO path in steady state, with the AES inline and on the crypto
+//! worker threads: a counting global allocator watches many requests — reads, writes larger than a pool chunk, flushes — served by the same
 //! allocation-free executor the queue threads run, with backing operations that suspend (like
 //! io_uring completions) so tasks really wait, wake and resume.
 
@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{Completions, MemBacking, MemRequest};
 use ublk_crypt::executor::TagExecutor;
-use ublk_crypt::io::{op, IoDesc, IoPath, RateLimit};
+use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit, SectorCrypto};
+use ublk_crypt::offload::CryptoWorkers;
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
+use ublk_crypt_pool::Chunk;
 use ublk_crypt_pool::{Pool, PoolConfig};
 
 struct Counting;
@@ -54,25 +56,32 @@ static GLOBAL: Counting = Counting;
 const TAGS: u16 = 8;
 const ROUNDS: usize = 200;
 
-#[test]
-fn io_path_allocates_nothing_in_steady_state() {
+fn cipher() -> &'static SectorCipher {
     let key: Vec<u8> = (1..=64u8).collect();
     let spec: CipherSpec = "aes-xts-plain64".parse().unwrap();
-    let cipher = SectorCipher::new(spec, &Key::from_bytes(&key), SectorLayout::default()).unwrap();
+    Box::leak(Box::new(
+        SectorCipher::new(spec, &Key::from_bytes(&key), SectorLayout::default()).unwrap(),
+    ))
+}
+
+/// Drives TAGS tasks of reads, 256 KiB writes and flushes through `IoPath::handle`, each with
+/// the crypto `make_crypto(tag)` gives, and asserts nothing allocates after warm-up.
+fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
     // Fewer chunks than tags: tasks must wait for each other's chunks.
-    let pool = Pool::new(PoolConfig {
-        budget_bytes: 3 * 65536,
-        chunk_bytes: 65536,
-        queues: 1,
-        reserve_per_queue: 2,
-        lock: false,
-    })
-    .unwrap();
+    let pool: &'static Pool = Box::leak(Box::new(
+        Pool::new(PoolConfig {
+            budget_bytes: 3 * 65536,
+            chunk_bytes: 65536,
+            queues: 1,
+            reserve_per_queue: 2,
+            lock: false,
+        })
+        .unwrap(),
+    ));
     let counters = QueueCounters::default();
     let log = RateLimit::new(1000);
     let io = IoPath {
-        cipher: &cipher,
-        pool: &pool,
+        pool,
         queue: 0,
         data_offset: 4096,
         readonly: false,
@@ -89,23 +98,18 @@ fn io_path_allocates_nothing_in_steady_state() {
 
     // Each tag runs like serve_tag: a loop over requests, here a fixed mix per round.
     let task = |tag: u16| {
-        let (io, backing, req) = (&io, &backing, &requests[tag as usize]);
+        let (io, backing, req, crypto) = (&io, &backing, &requests[tag as usize], make_crypto(tag));
         async move {
             for round in 0..ROUNDS {
                 let start = u64::from(tag) * 512 + (round as u64 % 4) * 8;
                 let nr = if round % 3 == 0 { 512 } else { 8 }; // 256 KiB (4 chunks) or 4 KiB
                 let o = [op::WRITE, op::READ, op::FLUSH][round % 3];
-                let r = io
-                    .handle(
-                        &IoDesc {
-                            op: o,
-                            start_sector: start,
-                            nr_sectors: nr,
-                        },
-                        req,
-                        backing,
-                    )
-                    .await;
+                let desc = IoDesc {
+                    op: o,
+                    start_sector: start,
+                    nr_sectors: nr,
+                };
+                let r = io.handle(&desc, req, backing, &crypto).await;
                 assert!(r >= 0, "IO failed: {r}");
             }
         }
@@ -122,9 +126,10 @@ fn io_path_allocates_nothing_in_steady_state() {
         exe.run_ready();
         completions.reap();
         loops += 1;
-        assert!(loops < 1_000_000, "executor made no progress");
+        assert!(loops < 10_000_000, "executor made no progress");
     }
     let after = ALLOCS.load(Ordering::Relaxed);
+    TRACKED.with(|t| t.set(false));
     assert!(
         loops > 100,
         "tasks really suspended and resumed ({loops} event-loop passes)"
@@ -138,4 +143,59 @@ fn io_path_allocates_nothing_in_steady_state() {
         "tasks really waited for chunks: {:?}",
         pool.stats()
     );
+}
+
+#[test]
+fn io_path_allocates_nothing_in_steady_state() {
+    let c = cipher();
+    drive(|_| InlineCrypto(c));
+}
+
+/// The daemon's offload path minus io_uring: the task hands its chunk to a worker and waits for
+/// the slot's eventfd (here polled without blocking, where the daemon reads it on its ring).
+struct PolledWorkers {
+    workers: &'static CryptoWorkers,
+    slot: usize,
+}
+
+impl SectorCrypto for PolledWorkers {
+    async fn crypt(
+        &self,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::BorrowedFd;
+        self.workers.submit(self.slot, chunk, len, sector, encrypt);
+        let fd = self.workers.done_fd(self.slot);
+        loop {
+            // SAFETY: the eventfd lives as long as the leaked workers.
+            let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::ZERO).unwrap() == 1 {
+                let mut counter = [0u8; 8];
+                assert_eq!(nix::unistd::read(bfd, &mut counter).unwrap(), 8);
+                break;
+            }
+            common::YieldNow::default().await;
+        }
+        self.workers.finish(self.slot)
+    }
+}
+
+#[test]
+fn crypto_workers_allocate_nothing_in_steady_state() {
+    let c = cipher();
+    let protections = ublk_crypt::hardening::Protections { enabled: false };
+    // Worker threads are counted too: they mark themselves tracked when they start.
+    let workers = CryptoWorkers::start(c, TAGS as usize, 2, protections, || {
+        TRACKED.with(|t| t.set(true))
+    })
+    .unwrap();
+    drive(|tag| PolledWorkers {
+        workers,
+        slot: tag as usize,
+    });
 }

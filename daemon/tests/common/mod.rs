@@ -128,3 +128,21 @@ impl BackingIo for MemBacking {
         0
     }
 }
+
+/// Yields once: pending, but wakes itself at once (for busy-waiting on something that has no
+/// waker, such as a polled eventfd).
+#[derive(Default)]
+pub struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
