@@ -122,9 +122,12 @@ fn one_mib_write_then_read_through_a_two_chunk_pool() {
         assert_eq!((s.reads, s.writes, s.split_ios, s.errors), (1, 1, 2, 0));
         assert_eq!(s.bytes_written, 1 << 20);
         assert_eq!(rig.pool.stats().in_use, 0, "every chunk returned");
-        assert!(
-            rig.pool.stats().high_water <= 1,
-            "one chunk per IO at a time"
+        // Writes hold one chunk at a time; reads read ahead into a second one when
+        // try_acquire finds it free (never by waiting), so the pool's two chunks both serve.
+        assert_eq!(
+            rig.pool.stats().high_water,
+            2,
+            "read-ahead used the spare chunk"
         );
     }
 }

@@ -102,7 +102,7 @@ fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
         async move {
             for round in 0..ROUNDS {
                 let start = u64::from(tag) * 512 + (round as u64 % 4) * 8;
-                let nr = if round % 3 == 0 { 512 } else { 8 }; // 256 KiB (4 chunks) or 4 KiB
+                let nr = if round % 6 < 4 { 512 } else { 8 }; // 256 KiB (4 chunks) or 4 KiB
                 let o = [op::WRITE, op::READ, op::FLUSH][round % 3];
                 let desc = IoDesc {
                     op: o,
