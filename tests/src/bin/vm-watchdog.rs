@@ -11,6 +11,10 @@
 //! once it is CRASH_SECS old, blocked tasks and memory are dumped one last time and the kernel
 //! is crashed (sysrq `c`), which ends the VM run at once as a kernel panic instead of waiting
 //! for the overall timeout. The console stays quiet while heartbeats are fresh.
+//!
+//! The kernel prints the blocked tasks' stacks at KERN_INFO, which the VM's `loglevel=5` hides
+//! (sysrq raises the level only for its own header line), so each dump is wrapped in sysrq `8`
+//! (console loglevel 8) and a sysrq digit restoring the level found at start.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -44,6 +48,19 @@ fn main() {
         .write(true)
         .open("/proc/sysrq-trigger")
         .expect("open /proc/sysrq-trigger");
+    // The console loglevel to restore after a dump (first field of /proc/sys/kernel/printk).
+    let restore: u8 = std::fs::read_to_string("/proc/sys/kernel/printk")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u8>().ok())
+        .filter(|l| *l <= 9)
+        .map_or(b'5', |l| b'0' + l);
+    let dump = |f: &mut std::fs::File, cmds: &[u8]| {
+        let _ = f.write_all(b"8");
+        for c in cmds {
+            let _ = f.write_all(&[*c]);
+        }
+        let _ = f.write_all(&[restore]);
+    };
     // Everything the loop uses exists before it: stdout's buffer, the line.
     let mut out = std::io::stdout();
     let _ = out.flush();
@@ -51,9 +68,7 @@ fn main() {
     loop {
         std::thread::sleep(Duration::from_secs(period));
         let Some((file, stale, crash)) = &heartbeat else {
-            for c in &cmds {
-                let _ = f.write_all(&[*c]);
-            }
+            dump(&mut f, &cmds);
             continue;
         };
         // SAFETY: stat into a zeroed struct we own, path is a valid C string; no allocation.
@@ -80,9 +95,7 @@ fn main() {
         };
         let _ = out.write_all(&line[..n]);
         let _ = out.flush();
-        for c in &cmds {
-            let _ = f.write_all(&[*c]);
-        }
+        dump(&mut f, &cmds);
         if age > *crash {
             let n = {
                 let mut w = &mut line[..];
@@ -94,9 +107,8 @@ fn main() {
             };
             let _ = out.write_all(&line[..n]);
             let _ = out.flush();
-            for c in b"wmc" {
-                let _ = f.write_all(&[*c]);
-            }
+            dump(&mut f, b"wm");
+            let _ = f.write_all(b"c");
         }
     }
 }
