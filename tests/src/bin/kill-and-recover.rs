@@ -1,0 +1,129 @@
+//! The OOM torture's crash step, run from a process that swap cannot stall.
+//!
+//! `kill-and-recover TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...`: mlocks itself, waits until
+//! TRIGGER_FILE exists (page-hog `--mark` creates it at a known point of a pass), sends SIGKILL
+//! to PID (the daemon), then runs RECOVER_COMMAND (e.g. `/usr/local/sbin/ublk-crypt recover
+//! tswap`) until it succeeds, at most TRIES times one second apart. Exit status 0 once it
+//! succeeded, 1 otherwise.
+//!
+//! Why not the test's shell: the VM's root file system is the initramfs, a tmpfs, so busybox's
+//! own code pages are swappable; once the daemon is dead, anything that touches a swapped-out
+//! page waits for a daemon that the shell, blocked on its own text, would never start. (Seen in
+//! the torture: the `sh` about to exec `recover` blocked in `shmem_swapin_folio`.) On a real
+//! system the restarting agent and the binary live on a disk file system, whose pages are never
+//! swapped; this process stands in for that agent: locked before the pressure starts, and the
+//! command it runs must live on the VM's `/usr` disk.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: kill-and-recover TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...";
+    let (Some(trigger), Some(pid), Some(tries), Some("--")) = (
+        args.first(),
+        args.get(1).and_then(|p| p.parse::<i32>().ok()),
+        args.get(2).and_then(|p| p.parse::<u32>().ok()),
+        args.get(3).map(String::as_str),
+    ) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    if args.len() < 5 {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    }
+    // Everything the critical part needs is made now, before the pressure.
+    let trigger = CString::new(trigger.as_str()).unwrap();
+    let argv_c: Vec<CString> = args[4..]
+        .iter()
+        .map(|a| CString::new(a.as_str()).unwrap())
+        .collect();
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut out = std::io::stdout();
+    let mut line = [0u8; 160];
+    let mut say = |out: &mut std::io::Stdout, args: std::fmt::Arguments| {
+        let n = {
+            let mut w = &mut line[..];
+            let _ = w.write_fmt(args);
+            let _ = w.write_all(b"\n");
+            160 - w.len()
+        };
+        let _ = out.write_all(&line[..n]);
+        let _ = out.flush();
+    };
+    // SAFETY: mlockall only changes this process's memory locking.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        say(&mut out, format_args!("kill-and-recover: mlockall failed"));
+        std::process::exit(2);
+    }
+    say(
+        &mut out,
+        format_args!("kill-and-recover: armed, pid {pid}, locked"),
+    );
+    loop {
+        // SAFETY: stat into a zeroed struct we own; the path is a valid C string.
+        let exists = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::stat(trigger.as_ptr(), &mut st) == 0
+        };
+        if exists {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    // SAFETY: sending a signal.
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    say(
+        &mut out,
+        format_args!("kill-and-recover: SIGKILL to the daemon {pid}: {r}"),
+    );
+    for attempt in 1..=tries {
+        // vfork semantics (posix_spawn): no copy of this process's memory is made.
+        let mut child: libc::pid_t = 0;
+        // SAFETY: argv is a NULL-terminated array of valid C strings that outlives the call;
+        // the environment is inherited.
+        let rc = unsafe {
+            libc::posix_spawn(
+                &mut child,
+                argv[0],
+                std::ptr::null(),
+                std::ptr::null(),
+                argv.as_ptr() as *const *mut libc::c_char,
+                std::ptr::null(),
+            )
+        };
+        let status = if rc != 0 {
+            -rc
+        } else {
+            let mut st = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(child, &mut st, 0) };
+            if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else {
+                128 + libc::WTERMSIG(st)
+            }
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        say(
+            &mut out,
+            format_args!(
+                "kill-and-recover: attempt {attempt} exit {status} at {secs:.1} s after the kill"
+            ),
+        );
+        if status == 0 {
+            say(
+                &mut out,
+                format_args!("kill-and-recover: recovered secs={secs:.1} attempts={attempt}"),
+            );
+            std::process::exit(0);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    say(&mut out, format_args!("kill-and-recover: gave up"));
+    std::process::exit(1);
+}
