@@ -201,9 +201,6 @@ echo "units ok"
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
     assert!(pswpout > 10_000, "swap was really used: {swapped}");
-    assert!(
-        pswpin > 1_000,
-        "swapped pages were read back: {swapped}"
-    );
+    assert!(pswpin > 1_000, "swapped pages were read back: {swapped}");
     assert!(out.console.contains("units ok"));
 }
