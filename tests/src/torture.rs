@@ -216,6 +216,9 @@ pub struct Torture {
     pub timeout: Duration,
     /// VM run name (log directory); default: the test thread's name.
     pub name: Option<String>,
+    /// Mount a ramfs (never swapped) on /run/ublk-crypt before opening the device. Off by
+    /// default: on a real system /run is a tmpfs, whose pages can go to the very swap device.
+    pub ramfs_run_dir: bool,
 }
 
 /// Bytes of the raw area behind the swap area, where the positive control's stamps go.
@@ -235,6 +238,7 @@ impl Torture {
             max_gap: Duration::from_secs(60),
             timeout: Duration::from_secs(1800),
             name: None,
+            ramfs_run_dir: false,
         }
     }
 
@@ -279,6 +283,9 @@ vm-watchdog 10 wm --heartbeat $T/hb 30 180 &
                 } else {
                     ""
                 };
+                if self.ramfs_run_dir {
+                    s += "mkdir -p /run/ublk-crypt && mount -t ramfs -o mode=0700 ramfs /run/ublk-crypt\n";
+                }
                 let _ = write!(
                     s,
                     r#"

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N]
-//!         [--crash] [--cpus N]
+//!         [--crash] [--cpus N] [--ramfs-run-dir]
 //! ```
 //!
 //! Exit status 1 when a run on ublk-crypt or dm-crypt failed the torture's verdict; the
@@ -20,11 +20,13 @@ fn main() -> ExitCode {
     let mut rounds = 1;
     let mut crash = false;
     let mut cpus = 2;
+    let mut ramfs = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--long" => profile = Profile::Long,
             "--crash" => crash = true,
+            "--ramfs-run-dir" => ramfs = true,
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--backends" => {
@@ -43,7 +45,7 @@ fn main() -> ExitCode {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N]"
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir]"
                 );
                 return ExitCode::from(2);
             }
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
             };
             let mut t = Torture::new(b, phases);
             t.cpus = cpus;
+            t.ramfs_run_dir = ramfs;
             let label = format!("{}#{round}", b.name());
             t.name = Some(format!("torture-{}-{round}", b.name()));
             eprintln!("torture: running {label} ({profile:?} profile, {cpus} vCPUs)");
