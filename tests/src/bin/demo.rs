@@ -338,7 +338,8 @@ fn main() -> ExitCode {
     row("dm-crypt", "dm_write", "dm_read");
     println!(
         "(qemu TCG emulates the CPU: absolute numbers are far below real hardware, where \
-         bench/README.md has them)\nVM run: {:.0} s; console log: {}",
+         bench/README.md has them)\nVM run: {:.0} s ({:.0} s in all); console log: {}",
+        out.duration.as_secs_f64(),
         wall.as_secs_f64(),
         out.log_path().display()
     );
