@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ublk_crypt_crypto::SectorCipher;
-use ublk_crypt_pool::{Chunk, Pool};
+use ublk_crypt_pool::{Chunk, ReservePool};
 
 use crate::stats::QueueCounters;
 
@@ -111,7 +111,7 @@ impl SectorCrypto for InlineCrypto<'_> {
 /// Everything one queue needs to serve requests; one per queue thread.
 pub struct IoPath<'a> {
     /// The daemon's pool lives as long as the process; chunks may move to crypto workers.
-    pub pool: &'static Pool,
+    pub pool: &'static ReservePool,
     pub queue: usize,
     /// Byte offset of device sector 0 on the backing (`--offset`).
     pub data_offset: u64,

@@ -20,7 +20,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkError, UblkFlags};
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
-use ublk_crypt_pool::{Pool, PoolConfig};
+use ublk_crypt_pool::{PoolConfig, ReservePool};
 
 use crate::backing::{Backing, Geometry};
 use crate::cli::OpenArgs;
@@ -42,7 +42,7 @@ pub struct DeviceContext {
     pub cipher: &'static SectorCipher,
     /// Crypto workers for large pieces; `None` with `--crypto-threads 0`.
     pub workers: Option<&'static CryptoWorkers>,
-    pub pool: &'static Pool,
+    pub pool: &'static ReservePool,
     pub backing: Backing,
     pub geometry: Geometry,
     pub counters: Vec<QueueCounters>,
@@ -410,7 +410,7 @@ fn serve_inner(
         enabled: record.protections,
     };
     hardening::protect_process(protections)?;
-    let pool = Pool::new(PoolConfig {
+    let pool = ReservePool::new(PoolConfig {
         budget_bytes: record.pool_mib << 20,
         lock: protections.enabled,
         ..PoolConfig::with_queues(usize::from(record.queues))
@@ -478,7 +478,7 @@ fn serve_inner(
 
     let (tx, rx) = mpsc::channel();
     let cipher: &'static SectorCipher = Box::leak(Box::new(cipher));
-    let pool: &'static Pool = Box::leak(Box::new(pool));
+    let pool: &'static ReservePool = Box::leak(Box::new(pool));
     let workers = match record.crypto_threads {
         0 => None,
         n => Some(

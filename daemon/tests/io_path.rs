@@ -11,7 +11,7 @@ use ublk_crypt::executor::block_on;
 use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
-use ublk_crypt_pool::{Pool, PoolConfig};
+use ublk_crypt_pool::{PoolConfig, ReservePool};
 
 fn cipher(sector_size: u32) -> SectorCipher {
     let key: Vec<u8> = (0..64u8)
@@ -28,9 +28,9 @@ fn cipher(sector_size: u32) -> SectorCipher {
 
 /// The smallest legal pool: one reserve chunk for the single queue plus one shared. Leaked,
 /// like the daemon's: chunks are `Chunk<'static>` so they can move to crypto workers.
-fn tiny_pool() -> &'static Pool {
+fn tiny_pool() -> &'static ReservePool {
     Box::leak(Box::new(
-        Pool::new(PoolConfig {
+        ReservePool::new(PoolConfig {
             budget_bytes: 2 * 65536,
             chunk_bytes: 65536,
             queues: 1,
@@ -43,7 +43,7 @@ fn tiny_pool() -> &'static Pool {
 
 struct Rig {
     cipher: SectorCipher,
-    pool: &'static Pool,
+    pool: &'static ReservePool,
     counters: QueueCounters,
     log: RateLimit,
 }

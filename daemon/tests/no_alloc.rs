@@ -16,7 +16,7 @@ use ublk_crypt::offload::CryptoWorkers;
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
 use ublk_crypt_pool::Chunk;
-use ublk_crypt_pool::{Pool, PoolConfig};
+use ublk_crypt_pool::{PoolConfig, ReservePool};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -68,8 +68,8 @@ fn cipher() -> &'static SectorCipher {
 /// the crypto `make_crypto(tag)` gives, and asserts nothing allocates after warm-up.
 fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
     // Fewer chunks than tags: tasks must wait for each other's chunks.
-    let pool: &'static Pool = Box::leak(Box::new(
-        Pool::new(PoolConfig {
+    let pool: &'static ReservePool = Box::leak(Box::new(
+        ReservePool::new(PoolConfig {
             budget_bytes: 3 * 65536,
             chunk_bytes: 65536,
             queues: 1,

@@ -22,7 +22,7 @@ pub const CHUNK_ALIGN: usize = 4096;
 /// when every shared chunk is taken.
 pub const DEFAULT_RESERVE_PER_QUEUE: usize = 2;
 
-/// How a [`Pool`](crate::Pool) is sized. Fixed at construction: the pool never grows.
+/// How a [`ReservePool`](crate::ReservePool) is sized. Fixed at construction: the pool never grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Upper bound on the memory the pool maps and locks. The pool holds
@@ -123,7 +123,7 @@ impl PoolConfig {
     }
 }
 
-/// Why a [`Pool`](crate::Pool) could not be built.
+/// Why a [`ReservePool`](crate::ReservePool) could not be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolError {
     /// `chunk_bytes` is not a power of two of at least [`CHUNK_ALIGN`].

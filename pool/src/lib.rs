@@ -16,12 +16,12 @@
 //!   default [`DEFAULT_BUDGET_BYTES`]), `mlock`ed, pre-faulted (every page written),
 //!   `MADV_DONTDUMP` (no plaintext or ciphertext in core dumps) and `MADV_DONTFORK` (a child's
 //!   copy-on-write would make our writes allocate). It never grows or shrinks and is unmapped
-//!   when the [`Pool`] is dropped. A failed `mlock` is an error ([`PoolError::Mlock`]), never a
+//!   when the [`ReservePool`] is dropped. A failed `mlock` is an error ([`PoolError::Mlock`]), never a
 //!   silent downgrade.
 //! * The region is cut into equal [`Chunk`]s ([`PoolConfig::chunk_bytes`], default 64 KiB, a
 //!   power of two ≥ 4096, so every chunk is aligned for `O_DIRECT`). A chunk is an RAII guard:
 //!   it dereferences to `[u8]` and returns itself to the pool when dropped. Its
-//!   [`index`](Chunk::index) is stable, and [`Pool::region_ptr`]/[`Pool::region_len`] describe
+//!   [`index`](Chunk::index) is stable, and [`ReservePool::region_ptr`]/[`ReservePool::region_len`] describe
 //!   the whole region, so the daemon can register it with io_uring as a fixed buffer.
 //! * Each of the [`PoolConfig::queues`] queues has a **reserve** of
 //!   [`PoolConfig::reserve_per_queue`] (≥ 1) chunks that no other queue can take; the rest (≥ 1
@@ -29,11 +29,11 @@
 //!   reserve, further ones against the shared part. So however greedy the other queues are,
 //!   every queue can always get its reserve. An acquisition that succeeds only thanks to the
 //!   reserve (the shared part being exhausted) is counted as a *reserve hit*.
-//! * [`Pool::try_acquire`] never waits. [`Pool::acquire`] returns a future that waits until a
+//! * [`ReservePool::try_acquire`] never waits. [`ReservePool::acquire`] returns a future that waits until a
 //!   chunk is returned — no polling, no allocation, cancel-safe.
-//! * Statistics ([`Pool::stats`], [`Pool::queue_stats`]) are relaxed atomics, cheap to read.
+//! * Statistics ([`ReservePool::stats`], [`ReservePool::queue_stats`]) are relaxed atomics, cheap to read.
 //!
-//! After [`Pool::new`] returns, acquiring, waiting, waking and releasing never allocate (the
+//! After [`ReservePool::new`] returns, acquiring, waiting, waking and releasing never allocate (the
 //! `no_alloc` integration test checks this with a counting global allocator).
 //!
 //! # Forward progress: the rule for callers
@@ -41,14 +41,14 @@
 //! **Hold at most one chunk per IO while waiting; never wait for a chunk while holding one.**
 //! An IO larger than a chunk is processed chunk by chunk: acquire a chunk, encrypt or decrypt
 //! up to `chunk_bytes` of the IO through it, submit/complete that part, drop the chunk, acquire
-//! the next. Extra chunks to overlap work may be taken only with [`Pool::try_acquire`], which
+//! the next. Extra chunks to overlap work may be taken only with [`ReservePool::try_acquire`], which
 //! never waits.
 //!
 //! ```
-//! use ublk_crypt_pool::{Pool, PoolConfig};
+//! use ublk_crypt_pool::{ReservePool, PoolConfig};
 //!
 //! /// Encrypts `data` to the backing device through the pool, one chunk at a time.
-//! async fn write_io(pool: &Pool, queue: usize, data: &[u8]) {
+//! async fn write_io(pool: &ReservePool, queue: usize, data: &[u8]) {
 //!     for part in data.chunks(pool.chunk_bytes()) {
 //!         // Waits for a chunk another IO returns; never for the allocator.
 //!         let mut chunk = pool.acquire(queue).await;
@@ -58,7 +58,7 @@
 //!     }
 //! }
 //!
-//! let pool = Pool::new(PoolConfig {
+//! let pool = ReservePool::new(PoolConfig {
 //!     budget_bytes: 1 << 20,
 //!     queues: 4,
 //!     ..PoolConfig::default()
@@ -106,7 +106,7 @@
 //!
 //! # Threads and executors
 //!
-//! [`Pool`] is `Sync`; [`Chunk`] and [`Acquire`] are `Send`. The intended use is one pool shared
+//! [`ReservePool`] is `Sync`; [`Chunk`] and [`Acquire`] are `Send`. The intended use is one pool shared
 //! (by `Arc` or reference) by libublk's per-queue threads, each running its own single-threaded
 //! executor, each passing its own queue id. The futures only need a `Waker`, so any executor
 //! works.
@@ -126,4 +126,4 @@ pub use config::{
     PoolConfig, PoolError, CHUNK_ALIGN, DEFAULT_BUDGET_BYTES, DEFAULT_CHUNK_BYTES,
     DEFAULT_RESERVE_PER_QUEUE,
 };
-pub use pool::{Acquire, Chunk, Pool, PoolStats, QueueStats};
+pub use pool::{Acquire, Chunk, PoolStats, QueueStats, ReservePool};

@@ -22,8 +22,8 @@ use crate::PoolError;
 /// A fixed set of equally sized, locked, pre-faulted IO buffers with a per-queue reserve.
 ///
 /// See the [crate documentation](crate) for the model and the rules callers must follow.
-/// `Pool` is `Sync`: share it between queue threads by reference or in an `Arc`.
-pub struct Pool {
+/// `ReservePool` is `Sync`: share it between queue threads by reference or in an `Arc`.
+pub struct ReservePool {
     region: Region,
     config: PoolConfig,
     chunk_shift: u32,
@@ -34,7 +34,7 @@ pub struct Pool {
     per_queue: Box<[Counters]>,
 }
 
-/// Statistics of a whole pool, as returned by [`Pool::stats`].
+/// Statistics of a whole pool, as returned by [`ReservePool::stats`].
 ///
 /// Each field is read with one relaxed atomic load, so reading is cheap and never blocks the IO
 /// path; different fields may therefore come from slightly different instants.
@@ -60,7 +60,7 @@ pub struct PoolStats {
     pub reserve_hits: u64,
 }
 
-/// Statistics of one queue, as returned by [`Pool::queue_stats`]. Same caveats as
+/// Statistics of one queue, as returned by [`ReservePool::queue_stats`]. Same caveats as
 /// [`PoolStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueStats {
@@ -103,7 +103,7 @@ impl Counters {
     }
 }
 
-/// Everything that changes on acquire and release. Guarded by `Pool::state`.
+/// Everything that changes on acquire and release. Guarded by `ReservePool::state`.
 struct State {
     /// Indices of free chunks, used as a stack: the most recently returned chunk, still warm
     /// in cache, is handed out next. Allocated with capacity for every chunk up front, so
@@ -188,12 +188,12 @@ struct Waiter {
     granted: Option<u32>,
 }
 
-impl Pool {
+impl ReservePool {
     /// Maps, locks and pre-faults the region and builds the free list.
     ///
     /// This is the only place the pool allocates heap memory (the free list and per-queue
     /// tables), so it belongs at daemon start-up, before any IO is served.
-    pub fn new(config: PoolConfig) -> Result<Pool, PoolError> {
+    pub fn new(config: PoolConfig) -> Result<ReservePool, PoolError> {
         let layout = config.layout()?;
         let region = Region::new(layout.region_bytes, config.lock)?;
         let free: Vec<u32> = (0..layout.chunks as u32).rev().collect();
@@ -206,7 +206,7 @@ impl Pool {
                 },
             })
             .collect();
-        Ok(Pool {
+        Ok(ReservePool {
             region,
             config,
             chunk_shift: config.chunk_bytes.trailing_zeros(),
@@ -474,9 +474,9 @@ impl Pool {
     }
 }
 
-impl fmt::Debug for Pool {
+impl fmt::Debug for ReservePool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool")
+        f.debug_struct("ReservePool")
             .field("config", &self.config)
             .field("locked", &self.is_locked())
             .field("stats", &self.stats())
@@ -491,7 +491,7 @@ impl fmt::Debug for Pool {
 /// because the region never leaves RAM, is excluded from core dumps and is not inherited by
 /// forked children.
 pub struct Chunk<'a> {
-    pool: &'a Pool,
+    pool: &'a ReservePool,
     ptr: NonNull<u8>,
     index: u32,
     queue: u32,
@@ -599,14 +599,14 @@ enum Phase {
     Done,
 }
 
-/// Future returned by [`Pool::acquire`].
+/// Future returned by [`ReservePool::acquire`].
 ///
 /// While waiting, it is linked into its queue's wait list by an intrusive node stored inside
 /// the future itself, which is why it is `!Unpin` and why waiting needs no allocation. Dropping
 /// it unlinks it; a chunk already granted to it is released on.
 #[must_use = "futures do nothing unless polled"]
 pub struct Acquire<'a> {
-    pool: &'a Pool,
+    pool: &'a ReservePool,
     queue: usize,
     phase: Phase,
     waiter: UnsafeCell<Waiter>,

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use ublk_crypt_pool::{Pool, PoolConfig, PoolError};
+use ublk_crypt_pool::{PoolConfig, PoolError, ReservePool};
 
 const CHILD_ENV: &str = "UBLK_CRYPT_POOL_MLOCK_CHILD";
 const TEST_NAME: &str = "mlock_failure_is_a_clear_error";
@@ -64,7 +64,7 @@ fn child() {
         budget_bytes: budget,
         ..PoolConfig::with_queues(2)
     };
-    let err = Pool::new(cfg).expect_err("mlock beyond RLIMIT_MEMLOCK without CAP_IPC_LOCK");
+    let err = ReservePool::new(cfg).expect_err("mlock beyond RLIMIT_MEMLOCK without CAP_IPC_LOCK");
     match err {
         PoolError::Mlock { bytes, errno } => {
             assert_eq!(bytes, budget);
@@ -73,7 +73,7 @@ fn child() {
         other => panic!("expected PoolError::Mlock, got {other:?}: {other}"),
     }
     // The torture switch still works without the privilege.
-    let unlocked = Pool::new(PoolConfig { lock: false, ..cfg }).expect("unlocked pool");
+    let unlocked = ReservePool::new(PoolConfig { lock: false, ..cfg }).expect("unlocked pool");
     assert!(!unlocked.is_locked());
     println!("CHILD-OK: {err}");
 }

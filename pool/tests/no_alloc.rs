@@ -14,7 +14,7 @@ use std::task::Waker;
 use std::thread;
 
 use common::{block_on, poll_once, pool, yield_now};
-use ublk_crypt_pool::{Chunk, Pool};
+use ublk_crypt_pool::{Chunk, ReservePool};
 
 struct Counting;
 
@@ -55,7 +55,7 @@ fn allocs() -> usize {
 
 /// One IO step as the daemon does it: get a chunk (maybe waiting), touch it, let the "device"
 /// take a moment, release.
-async fn step(p: &Pool, q: usize, i: usize) {
+async fn step(p: &ReservePool, q: usize, i: usize) {
     let mut c = p.acquire(q).await;
     c[i % 4096] = i as u8;
     if i.is_multiple_of(3) {
@@ -73,7 +73,7 @@ async fn step(p: &Pool, q: usize, i: usize) {
 /// Everything one thread can do alone: acquire and release both ways, exhaust the pool, wait,
 /// be granted a chunk, cancel a queued wait and cancel a granted one. `hold` is a fixed array,
 /// so the test itself does not allocate either.
-fn uncontended_round<'p>(p: &'p Pool, i: usize, hold: &mut [Option<Chunk<'p>>; 64]) {
+fn uncontended_round<'p>(p: &'p ReservePool, i: usize, hold: &mut [Option<Chunk<'p>>; 64]) {
     let noop = Waker::noop();
     block_on(step(p, 0, i));
     for slot in hold.iter_mut() {
@@ -100,7 +100,13 @@ fn uncontended_round<'p>(p: &'p Pool, i: usize, hold: &mut [Option<Chunk<'p>>; 6
     }
 }
 
-fn contended(p: &Pool, threads_per_queue: usize, rounds: usize, start: &Barrier, end: &Barrier) {
+fn contended(
+    p: &ReservePool,
+    threads_per_queue: usize,
+    rounds: usize,
+    start: &Barrier,
+    end: &Barrier,
+) {
     thread::scope(|s| {
         for q in 0..p.queues() {
             for t in 0..threads_per_queue {

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{block_on, poll_once, pool, CountingWaker};
-use ublk_crypt_pool::{Acquire, Chunk, Pool, PoolConfig, PoolError, CHUNK_ALIGN};
+use ublk_crypt_pool::{Acquire, Chunk, PoolConfig, PoolError, ReservePool, CHUNK_ALIGN};
 
 const K: usize = 1024;
 
@@ -18,7 +18,7 @@ fn assert_send_sync<T: Send + Sync>() {}
 
 #[test]
 fn types_are_send_and_sync() {
-    assert_send_sync::<Pool>();
+    assert_send_sync::<ReservePool>();
     assert_send_sync::<Chunk<'static>>();
     assert_send_sync::<Acquire<'static>>();
     assert_send_sync::<PoolError>();
@@ -351,7 +351,7 @@ fn polling_after_completion_panics() {
 
 #[test]
 fn unlocked_pool_for_torture_tests() {
-    let p = Pool::new(PoolConfig {
+    let p = ReservePool::new(PoolConfig {
         lock: false,
         ..PoolConfig::with_queues(2)
     })
@@ -368,7 +368,7 @@ fn unlocked_pool_for_torture_tests() {
 
 #[test]
 fn default_pool_is_locked_and_sixteen_mib() {
-    let p = Pool::new(PoolConfig::default()).unwrap();
+    let p = ReservePool::new(PoolConfig::default()).unwrap();
     assert!(p.is_locked());
     assert_eq!(p.region_len(), 16 << 20);
     assert_eq!(*p.config(), PoolConfig::default());
@@ -376,7 +376,7 @@ fn default_pool_is_locked_and_sixteen_mib() {
 
 #[test]
 fn invalid_config_is_rejected_before_mapping() {
-    let e = Pool::new(PoolConfig {
+    let e = ReservePool::new(PoolConfig {
         budget_bytes: 64 * K,
         ..PoolConfig::with_queues(4)
     })

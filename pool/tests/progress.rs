@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{block_on, pool, run_local, yield_now};
-use ublk_crypt_pool::{Chunk, Pool};
+use ublk_crypt_pool::{Chunk, ReservePool};
 
 const K: usize = 1024;
 const CHUNK: usize = 64 * K;
@@ -24,7 +24,7 @@ fn key_byte(io: u64, pos: usize) -> u8 {
 
 /// Processes `src` into `dst` chunk by chunk, holding one pool chunk at a time, the way the
 /// daemon must: acquire, encrypt into the chunk, "submit" it (await the device), release.
-async fn process_io(pool: &Pool, queue: usize, io: u64, src: &[u8], dst: &mut [u8]) {
+async fn process_io(pool: &ReservePool, queue: usize, io: u64, src: &[u8], dst: &mut [u8]) {
     for (seg, (s, d)) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)).enumerate() {
         let mut chunk: Chunk = pool.acquire(queue).await;
         for (i, (c, &b)) in chunk.iter_mut().zip(s).enumerate() {

@@ -18,7 +18,7 @@ use std::task::Poll;
 
 use common::{poll_once, CountingWaker};
 use proptest::prelude::*;
-use ublk_crypt_pool::{Acquire, Chunk, Pool, PoolConfig};
+use ublk_crypt_pool::{Acquire, Chunk, PoolConfig, ReservePool};
 
 const CHUNK: usize = 4096;
 
@@ -54,7 +54,7 @@ struct Waiter<'a> {
 }
 
 struct Model<'a> {
-    pool: &'a Pool,
+    pool: &'a ReservePool,
     reserve: usize,
     shared: usize,
     held_per_queue: Vec<usize>, // including granted, unpolled
@@ -246,7 +246,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..300),
     ) {
         let chunks = queues * reserve + shared;
-        let pool = Pool::new(PoolConfig {
+        let pool = ReservePool::new(PoolConfig {
             budget_bytes: chunks * CHUNK,
             chunk_bytes: CHUNK,
             queues,

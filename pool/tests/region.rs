@@ -4,7 +4,7 @@
 
 use std::fs;
 
-use ublk_crypt_pool::{Pool, PoolConfig};
+use ublk_crypt_pool::{PoolConfig, ReservePool};
 
 /// The smaps entry of the mapping starting at `start`, if any.
 fn smaps_entry(start: usize) -> Option<String> {
@@ -53,7 +53,7 @@ fn vm_flags(entry: &str) -> Vec<String> {
 fn region_is_locked_resident_dontdump_dontfork_and_unmapped_on_drop() {
     let budget = 4 << 20;
     for lock in [true, false] {
-        let p = Pool::new(PoolConfig {
+        let p = ReservePool::new(PoolConfig {
             budget_bytes: budget,
             lock,
             ..PoolConfig::with_queues(2)

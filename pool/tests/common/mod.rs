@@ -11,17 +11,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Wake, Waker};
 use std::thread::{self, Thread};
 
-use ublk_crypt_pool::{Chunk, Pool, PoolConfig};
+use ublk_crypt_pool::{Chunk, PoolConfig, ReservePool};
 
 /// Takes every chunk `queue` can get right now.
-pub fn drain(p: &Pool, queue: usize) -> Vec<Chunk<'_>> {
+pub fn drain(p: &ReservePool, queue: usize) -> Vec<Chunk<'_>> {
     // Collect, never `count()`: a dropped chunk is immediately available again.
     std::iter::from_fn(|| p.try_acquire(queue)).collect()
 }
 
 /// A pool of `chunks` chunks of `chunk_bytes` for `queues` queues with `reserve` each.
-pub fn pool(chunks: usize, chunk_bytes: usize, queues: usize, reserve: usize) -> Pool {
-    Pool::new(PoolConfig {
+pub fn pool(chunks: usize, chunk_bytes: usize, queues: usize, reserve: usize) -> ReservePool {
+    ReservePool::new(PoolConfig {
         budget_bytes: chunks * chunk_bytes,
         chunk_bytes,
         queues,
