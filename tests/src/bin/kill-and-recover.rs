@@ -13,6 +13,13 @@
 //! system the restarting agent and the binary live on a disk file system, whose pages are never
 //! swapped; this process stands in for that agent: locked before the pressure starts, and the
 //! command it runs must live on the VM's `/usr` disk.
+//!
+//! It also sets `PR_SET_IO_FLUSHER` on itself, which its children inherit across fork and
+//! execve: memory reclaim done on behalf of the recovering process (from the `execve` on,
+//! before the daemon's own `main` can set the flag) then never writes to swap. Without it,
+//! the spawned `recover` blocked in its execve: direct reclaim → `swap_writepage` →
+//! `wbt_wait` on the dead device's write throttle, forever (seen in the torture), while the
+//! dead daemon's 22 MiB lay free.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -59,9 +66,12 @@ fn main() {
         say(&mut out, format_args!("kill-and-recover: mlockall failed"));
         std::process::exit(2);
     }
+    // PR_SET_IO_FLUSHER (57): see the module doc.
+    // SAFETY: prctl only sets a flag of this task.
+    let flusher = unsafe { libc::prctl(57, 1, 0, 0, 0) } == 0;
     say(
         &mut out,
-        format_args!("kill-and-recover: armed, pid {pid}, locked"),
+        format_args!("kill-and-recover: armed, pid {pid}, locked, io_flusher={flusher}"),
     );
     loop {
         // SAFETY: stat into a zeroed struct we own; the path is a valid C string.
