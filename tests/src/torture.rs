@@ -216,8 +216,10 @@ pub struct Torture {
     pub timeout: Duration,
     /// VM run name (log directory); default: the test thread's name.
     pub name: Option<String>,
-    /// Mount a ramfs (never swapped) on /run/ublk-crypt before opening the device. Off by
-    /// default: on a real system /run is a tmpfs, whose pages can go to the very swap device.
+    /// Mount ramfs (never swapped) on /run/ublk-crypt (ublk-crypt's device records) and
+    /// /run/ublksrvd (libublk's device JSON) before opening the device. Off by default: on a
+    /// real system /run is a tmpfs, whose pages can go to the very swap device, and `recover`
+    /// reads both files (see tests/README.md, "OOM torture").
     pub ramfs_run_dir: bool,
 }
 
@@ -284,7 +286,7 @@ vm-watchdog 10 wm --heartbeat $T/hb 30 180 &
                     ""
                 };
                 if self.ramfs_run_dir {
-                    s += "mkdir -p /run/ublk-crypt && mount -t ramfs -o mode=0700 ramfs /run/ublk-crypt\n";
+                    s += "for d in /run/ublk-crypt /run/ublksrvd; do mkdir -p $d && mount -t ramfs -o mode=0700 ramfs $d; done\n";
                 }
                 let _ = write!(
                     s,
