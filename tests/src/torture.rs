@@ -216,6 +216,9 @@ pub struct Torture {
     pub timeout: Duration,
     /// VM run name (log directory); default: the test thread's name.
     pub name: Option<String>,
+    /// (`UBLK_CRYPT_TORTURE_SYSRQ="PERIOD COMMANDS"`, default "10 wm", sets what vm-watchdog
+    /// dumps while the heartbeat is stale, e.g. "60 wmt" to see every task.)
+    ///
     /// Mount ramfs (never swapped) on /run/ublk-crypt (ublk-crypt's device records) and
     /// /run/ublksrvd (libublk's device JSON) before opening the device. Off by default: on a
     /// real system /run is a tmpfs, whose pages can go to the very swap device, and `recover`
@@ -275,8 +278,9 @@ hog_exit() {{  # NAME PID
 }}
 wait_for() {{ while [ ! -e "$1" ]; do sleep 1; done; }}
 # Dumps blocked tasks and memory while no hog has beaten for 30 s; crashes the guest at 180 s.
-vm-watchdog 10 wm --heartbeat $T/hb 30 180 &
-"#
+vm-watchdog {sysrq} --heartbeat $T/hb 30 180 &
+"#,
+            sysrq = std::env::var("UBLK_CRYPT_TORTURE_SYSRQ").unwrap_or_else(|_| "10 wm".into())
         );
         match self.backend {
             Backend::UblkCrypt | Backend::UblkCryptUnprotected => {
