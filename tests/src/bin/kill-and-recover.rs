@@ -110,8 +110,19 @@ fn main() {
             -rc
         } else {
             let mut st = 0;
-            // SAFETY: waiting for our own child.
-            unsafe { libc::waitpid(child, &mut st, 0) };
+            let spawned = Instant::now();
+            let mut next_diag = 20;
+            loop {
+                // SAFETY: polling our own child.
+                if unsafe { libc::waitpid(child, &mut st, libc::WNOHANG) } == child {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                if spawned.elapsed().as_secs() >= next_diag {
+                    next_diag += 20;
+                    diagnose(spawned.elapsed().as_secs());
+                }
+            }
             if libc::WIFEXITED(st) {
                 libc::WEXITSTATUS(st)
             } else {
@@ -136,4 +147,84 @@ fn main() {
     }
     say(&mut out, format_args!("kill-and-recover: gave up"));
     std::process::exit(1);
+}
+
+/// When `recover` takes long: what every ublk-crypt process is doing (/proc: state, locked
+/// memory, current syscall, kernel wait channel) and the tail of the daemons' logs. Allocates,
+/// which is fine here: this process is locked and an IO flusher.
+fn diagnose(secs: u64) {
+    let mut out = format!("kill-and-recover: recover still running after {secs} s\n");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let p = e.path();
+        if std::fs::read_to_string(p.join("comm")).map_or(true, |c| c.trim() != "ublk-crypt") {
+            continue;
+        }
+        let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+        let pick: Vec<&str> = status
+            .lines()
+            .filter(|l| {
+                ["State:", "VmRSS:", "VmLck:", "Threads:"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .collect();
+        let syscall = std::fs::read_to_string(p.join("syscall")).unwrap_or_default();
+        let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+        out += &format!(
+            "kill-and-recover:   pid {} {} syscall {} wchan {}\n",
+            e.file_name().to_string_lossy(),
+            pick.join(" ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+            syscall.split_whitespace().next().unwrap_or("?"),
+            wchan
+        );
+        if let Ok(tasks) = std::fs::read_dir(p.join("task")) {
+            for t in tasks.flatten() {
+                let tp = t.path();
+                let comm = std::fs::read_to_string(tp.join("comm")).unwrap_or_default();
+                let st = std::fs::read_to_string(tp.join("stat")).unwrap_or_default();
+                let state = st
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                let sc = std::fs::read_to_string(tp.join("syscall")).unwrap_or_default();
+                out += &format!(
+                    "kill-and-recover:     task {} {} state {} syscall {}\n",
+                    t.file_name().to_string_lossy(),
+                    comm.trim(),
+                    state.unwrap_or("?"),
+                    sc.split_whitespace().next().unwrap_or("?")
+                );
+            }
+        }
+    }
+    // The logs only from a ramfs: a tmpfs page of them may be in the stalled swap.
+    // SAFETY: statfs into a zeroed struct we own, with a valid C string.
+    let ramfs = unsafe {
+        let mut sf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c"/run/ublk-crypt".as_ptr(), &mut sf) == 0 && sf.f_type == 0x8584_58f6
+        // RAMFS_MAGIC
+    };
+    if let Ok(dir) = std::fs::read_dir("/run/ublk-crypt")
+        .map_err(|_| ())
+        .and_then(|d| if ramfs { Ok(d) } else { Err(()) })
+    {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("daemon-") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                for l in &lines[lines.len().saturating_sub(8)..] {
+                    out += &format!("kill-and-recover:   {name}: {l}\n");
+                }
+            }
+        }
+    }
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    let _ = std::io::stdout().flush();
 }
