@@ -139,6 +139,21 @@ fn stop(ctx: &DeviceContext) {
     let _ = ctx.events.lock().unwrap().send(Event::Stop);
 }
 
+/// A signal stops the device only if nothing holds it: deleting a device under an active swap
+/// area would fail every swapped page's read (the processes owning them would die). If it is
+/// in use, the daemon keeps serving and says why; if it is then killed (systemd's stop timeout),
+/// the device stays, waiting for recovery, and no page is lost.
+fn stop_unless_in_use(ctx: &DeviceContext, signal: &str) {
+    let rec = ctx.record.lock().unwrap().clone();
+    match refuse_if_in_use(&rec) {
+        Ok(()) => {
+            tracing::info!("{signal}: stopping");
+            stop(ctx);
+        }
+        Err(e) => tracing::error!("{signal} ignored: {e:#}"),
+    }
+}
+
 async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net::UnixListener) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     use tokio::signal::unix::{signal, SignalKind};
@@ -158,8 +173,8 @@ async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net:
     };
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM"); stop(ctx); }
-            _ = int.recv() => { tracing::info!("SIGINT"); stop(ctx); }
+            _ = term.recv() => stop_unless_in_use(ctx, "SIGTERM"),
+            _ = int.recv() => stop_unless_in_use(ctx, "SIGINT"),
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
                 // One request at a time: the control plane needs no concurrency.

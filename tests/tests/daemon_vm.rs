@@ -140,6 +140,11 @@ fn swap_on_the_device() {
             # Like cryptsetup, close refuses while the device is swapped on.
             if ublk-crypt close swap0 2> /tmp/err; then echo "closed while in use"; exit 1; fi
             grep -F "in use" /tmp/err
+            # ... and so does SIGTERM (systemd's stop): the device must survive it.
+            kill -TERM $(pidof ublk-crypt)
+            sleep 2
+            [ -b $dev ] && grep -q ublkb0 /proc/swaps
+            echo "SIGTERM refused while swapped on"
             swapoff $dev
             ublk-crypt close swap0
             echo swap ok
@@ -161,6 +166,7 @@ fn swap_on_the_device() {
         out.console.contains("\n20\n") || out.console.contains("20\r\n"),
         "all 20 files verified"
     );
+    assert!(out.console.contains("SIGTERM refused while swapped on"));
     assert!(out.console.contains("swap ok"));
 }
 
