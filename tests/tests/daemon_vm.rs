@@ -125,10 +125,14 @@ fn swap_on_the_device() {
             mkswap $dev
             swapon $dev
             grep ublkb0 /proc/swaps
-            # If the guest freezes, the kernel still prints its blocked tasks every 30 s.
-            vm-watchdog 30 w &
+            # If the writer stops making progress for 45 s, the mlocked watchdog dumps every
+            # task's stack (blocked ones and the daemon's sleeping threads) every 20 s, and
+            # after 120 s crashes the kernel: a freeze fails fast, with its stacks in the log.
+            touch /tmp/heartbeat
+            vm-watchdog 20 wt --heartbeat /tmp/heartbeat 45 120 &
             mkdir -p /mnt/big && mount -t tmpfs -o size=600m tmpfs /mnt/big
             for i in $(seq 1 20); do
+                touch /tmp/heartbeat
                 dd if=/dev/urandom of=/mnt/big/f$i bs=1M count=16 2>/dev/null
                 sha256sum /mnt/big/f$i >> /tmp/sums
                 echo "wrote $i: $(grep '^pswpout' /proc/vmstat)"
