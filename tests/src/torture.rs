@@ -308,7 +308,7 @@ daemon_check open
                 let _ = write!(
                     s,
                     r#"
-cryptsetup open --type plain -c aes-xts-plain64 -s 512 --key-file /dev/urandom --keyfile-size 64 --size {sectors} /dev/vda tswap
+cryptsetup open --type plain -c aes-xts-plain64 -s 512 --key-file /dev/urandom --size {sectors} /dev/vda tswap
 dev=/dev/mapper/tswap
 ev "device $dev"
 "#
@@ -562,9 +562,16 @@ ev end
             .filter(|l| l.contains("invoked oom-killer") || l.contains("Killed process"))
             .map(str::to_string)
             .collect();
+        // Kernel lines only ("[  12.345678] ..."): a tool's own "WARNING:" is not the kernel's.
+        let kernel_line = |l: &str| {
+            l.strip_prefix('[')
+                .and_then(|r| r.split_once(']'))
+                .is_some_and(|(ts, _)| ts.trim().parse::<f64>().is_ok())
+        };
         r.complaints = out
             .console
             .lines()
+            .filter(|l| kernel_line(l))
             .filter(|l| {
                 [
                     "BUG:",
