@@ -473,7 +473,13 @@ ev end
             .host_tool("swapon")
             .host_tool("swapoff")
             .kernel_arg("sysrq_always_enabled=1")
-            .stall_timeout(self.max_gap)
+            // Unprotected, a freeze is the expected outcome: let vm-watchdog dump the stacks and
+            // crash the guest (180 s) rather than the host's silence detector cut it short.
+            .stall_timeout(if self.backend == Backend::UblkCryptUnprotected {
+                Duration::from_secs(240)
+            } else {
+                self.max_gap
+            })
             .timeout(self.timeout);
         if let Some(n) = &self.name {
             b = b.name(n);
