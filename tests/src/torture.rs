@@ -226,6 +226,9 @@ pub struct Torture {
     /// real system /run is a tmpfs, whose pages can go to the very swap device, and `recover`
     /// reads both files (see tests/README.md, "OOM torture").
     pub ramfs_run_dir: bool,
+    /// Crash phase: MiB the kill-and-recover helper holds locked and frees at the kill, so the
+    /// recovering daemon finds memory (0: none; see kill-and-recover.rs).
+    pub recover_reserve_mib: usize,
 }
 
 /// Bytes of the raw area behind the swap area, where the positive control's stamps go.
@@ -246,6 +249,7 @@ impl Torture {
             timeout: Duration::from_secs(1800),
             name: None,
             ramfs_run_dir: false,
+            recover_reserve_mib: 0,
         }
     }
 
@@ -403,13 +407,14 @@ daemon_check after-{hog}
                     ..
                 } => {
                     assert!(self.backend.is_ublk(), "the crash phase needs a daemon");
+                    let reserve = self.recover_reserve_mib;
                     let _ = write!(
                         s,
                         r#"
 ev "phase {hog} start: {mib} MiB hog, {passes} passes ({order}), daemon killed at {kpct}% of pass {kp}"
 # Kill and recover from a locked process: the shell's own code may be in swap (see
 # kill-and-recover.rs), and the daemon's binary is on the /usr disk.
-kill-and-recover $T/{hog}.kill $(cat $T/daemon-pid) 30 -- $U recover tswap &
+kill-and-recover --reserve-mib {reserve} $T/{hog}.kill $(cat $T/daemon-pid) 30 -- $U recover tswap &
 kr=$!
 sleep 1
 {run_hog} --mark {kp}:{kpct}:$T/{hog}.kill &

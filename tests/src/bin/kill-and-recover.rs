@@ -1,6 +1,7 @@
 //! The OOM torture's crash step, run from a process that swap cannot stall.
 //!
-//! `kill-and-recover TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...`: mlocks itself, waits until
+//! `kill-and-recover [--reserve-mib N] TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...`: mlocks
+//! itself (and, with `--reserve-mib`, N MiB of memory it frees right after the kill), waits until
 //! TRIGGER_FILE exists (page-hog `--mark` creates it at a known point of a pass), sends SIGKILL
 //! to PID (the daemon), then runs RECOVER_COMMAND (e.g. `/usr/local/sbin/ublk-crypt recover
 //! tswap`) until it succeeds, at most TRIES times one second apart. Exit status 0 once it
@@ -20,14 +21,25 @@
 //! the spawned `recover` blocked in its execve: direct reclaim → `swap_writepage` →
 //! `wbt_wait` on the dead device's write throttle, forever (seen in the torture), while the
 //! dead daemon's 22 MiB lay free.
+//!
+//! `--reserve-mib`: when the daemon dies while every page is taken and only swap could free
+//! one, the recovering daemon finds no memory for its locked pool and the machine deadlocks
+//! (tests/README.md, "OOM torture"). Holding memory for the restart and handing it back at the
+//! kill is what a supervisor (or a standby daemon) has to do about that.
 
 use std::ffi::CString;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: kill-and-recover TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...";
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let usage =
+        "usage: kill-and-recover [--reserve-mib N] TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...";
+    let mut reserve_mib = 0usize;
+    if args.first().map(String::as_str) == Some("--reserve-mib") {
+        reserve_mib = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        args.drain(..2.min(args.len()));
+    }
     let (Some(trigger), Some(pid), Some(tries), Some("--")) = (
         args.first(),
         args.get(1).and_then(|p| p.parse::<i32>().ok()),
@@ -66,12 +78,33 @@ fn main() {
         say(&mut out, format_args!("kill-and-recover: mlockall failed"));
         std::process::exit(2);
     }
+    // The reserve: touched now, locked by MCL_FUTURE, freed at the kill.
+    let reserve_len = reserve_mib << 20;
+    let reserve = if reserve_len > 0 {
+        // SAFETY: a fresh private anonymous mapping, populated; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(p)
+    } else {
+        None
+    };
     // PR_SET_IO_FLUSHER (57): see the module doc.
     // SAFETY: prctl only sets a flag of this task.
     let flusher = unsafe { libc::prctl(57, 1, 0, 0, 0) } == 0;
     say(
         &mut out,
-        format_args!("kill-and-recover: armed, pid {pid}, locked, io_flusher={flusher}"),
+        format_args!(
+            "kill-and-recover: armed, pid {pid}, locked, io_flusher={flusher}, reserve {} MiB",
+            if reserve.is_some() { reserve_mib } else { 0 }
+        ),
     );
     loop {
         // SAFETY: stat into a zeroed struct we own; the path is a valid C string.
@@ -87,6 +120,10 @@ fn main() {
     let t0 = Instant::now();
     // SAFETY: sending a signal.
     let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    if let Some(p) = reserve {
+        // SAFETY: unmapping our own reserve, which nothing refers to.
+        unsafe { libc::munmap(p, reserve_len) };
+    }
     say(
         &mut out,
         format_args!("kill-and-recover: SIGKILL to the daemon {pid}: {r}"),

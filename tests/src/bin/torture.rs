@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N]
-//!         [--crash] [--cpus N] [--ramfs-run-dir]
+//!         [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N]
 //! ```
 //!
 //! Exit status 1 when a run on ublk-crypt or dm-crypt failed the torture's verdict; the
@@ -21,12 +21,14 @@ fn main() -> ExitCode {
     let mut crash = false;
     let mut cpus = 2;
     let mut ramfs = false;
+    let mut reserve = 0;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--long" => profile = Profile::Long,
             "--crash" => crash = true,
             "--ramfs-run-dir" => ramfs = true,
+            "--reserve-mib" => reserve = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--backends" => {
@@ -45,7 +47,7 @@ fn main() -> ExitCode {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir]"
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N]"
                 );
                 return ExitCode::from(2);
             }
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             let mut t = Torture::new(b, phases);
             t.cpus = cpus;
             t.ramfs_run_dir = ramfs;
+            t.recover_reserve_mib = reserve;
             let label = format!("{}#{round}", b.name());
             t.name = Some(format!("torture-{}-{round}", b.name()));
             eprintln!("torture: running {label} ({profile:?} profile, {cpus} vCPUs)");
