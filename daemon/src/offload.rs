@@ -10,8 +10,11 @@
 //! own eventfd. The tag's task moves its pool chunk into the slot and pushes the slot's index
 //! onto a work list whose capacity covers every slot (so the push never reallocates); a worker
 //! takes it, encrypts or decrypts in place, puts the chunk back and writes the eventfd. The
-//! task waits by reading that eventfd through the queue's io_uring, so the queue thread keeps
-//! serving other tags meanwhile and wakes exactly when the job is done. Chunks cross threads by
+//! task waits with a poll of that eventfd on the queue's io_uring, so the queue thread keeps
+//! serving other tags meanwhile and wakes exactly when the job is done. A poll, not a read: a
+//! read that has to wait makes io_uring allocate (its async poll entry, `GFP_ATOMIC`) and, if
+//! that fails, hand the read to an io-wq thread it may have to create — allocations at the very
+//! moment swap-out has used up memory. A poll waits in the request itself. Chunks cross threads by
 //! move (they are `Send`), so no memory is shared unsafely.
 //!
 //! Workers run with the IO-thread protections (PR_SET_IO_FLUSHER, pre-faulted small stacks,
@@ -67,8 +70,11 @@ impl CryptoWorkers {
             .map(|_| {
                 Ok(JobSlot {
                     job: Mutex::new(None),
-                    done: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
-                        .context("eventfd")?,
+                    done: EventFd::from_value_and_flags(
+                        0,
+                        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+                    )
+                    .context("eventfd")?,
                 })
             })
             .collect::<Result<Box<[_]>>>()?;
@@ -122,8 +128,9 @@ impl CryptoWorkers {
         }
     }
 
-    /// Hands a job to the workers; the caller then waits for `done_fd(slot)` to be readable
-    /// and collects the chunk with [`CryptoWorkers::finish`].
+    /// Hands a job to the workers; the caller then waits for `done_fd(slot)` to be readable,
+    /// consumes the signal with [`CryptoWorkers::take_done`] and collects the chunk with
+    /// [`CryptoWorkers::finish`].
     pub fn submit(
         &self,
         slot: usize,
@@ -146,6 +153,12 @@ impl CryptoWorkers {
     /// The eventfd a worker writes when `slot`'s job is done.
     pub fn done_fd(&self, slot: usize) -> RawFd {
         self.slots[slot].done.as_raw_fd()
+    }
+
+    /// Consumes `slot`'s completion signal: true if the worker has written it (the eventfd is
+    /// non-blocking, so a spurious wake-up returns false at once instead of blocking the queue).
+    pub fn take_done(&self, slot: usize) -> bool {
+        self.slots[slot].done.read().is_ok()
     }
 
     /// Takes the chunk back after the eventfd fired; `ok` is the cipher's verdict.

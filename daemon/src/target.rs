@@ -600,9 +600,8 @@ fn set_params(dev: &mut UblkDev, ctx: &DeviceContext, depth: u16) -> Result<(), 
     let tgt = &mut dev.tgt;
     tgt.fds[tgt.nr_fds as usize] = ctx.backing.file().as_raw_fd();
     tgt.nr_fds += 1;
-    // One ublk command and at most one backing operation in flight per tag.
-    tgt.sq_depth = depth.saturating_mul(2);
-    tgt.cq_depth = depth.saturating_mul(2);
+    tgt.sq_depth = depth.saturating_mul(OPS_PER_TAG);
+    tgt.cq_depth = depth.saturating_mul(CQ_ENTRIES_PER_TAG);
     tgt.dev_size = ctx.geometry.size;
     let mut attrs = sys::UBLK_ATTR_VOLATILE_CACHE;
     if rec.readonly {
@@ -639,6 +638,69 @@ fn set_params(dev: &mut UblkDev, ctx: &DeviceContext, depth: u16) -> Result<(), 
     Ok(())
 }
 
+/// Most io_uring operations one tag has in flight at once: its ublk command, or while it serves
+/// a request, a backing read (or write) plus the wait for a crypto worker (`IoPath::read`
+/// overlaps the two). Sizes the ring's submission queue and [`warm_queue_ring`].
+const OPS_PER_TAG: u16 = 2;
+
+/// Completion-queue entries per tag: twice [`OPS_PER_TAG`], so the CQ can never overflow.
+/// Why it matters: on overflow the kernel keeps the completion in a `GFP_ATOMIC` allocation, and
+/// when that fails — exactly when swap-out has used up memory — it *drops* the completion, and
+/// the tag waiting for it (with the swap bio it serves) would wait for ever.
+const CQ_ENTRIES_PER_TAG: u16 = 2 * OPS_PER_TAG;
+
+/// Makes the queue ring's kernel side allocate, now, what its busiest moment will need: one
+/// request and its read/write state for each of `ops` operations in flight at once. io_uring
+/// keeps these in per-ring caches when they complete (request structs without a limit,
+/// read/write state up to 128), so the first burst of swap-out — the moment memory runs
+/// out — takes them from the caches instead of asking the allocator, which for an IO flusher in
+/// a machine without free memory may not answer. The warm-up: `ops` reads of one semaphore
+/// eventfd, each of which blocks (arming a poll), then one write that completes them all.
+/// Runs on the queue thread once its `UblkQueue` (and so its ring) exists, before any tag task.
+fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
+    use io_uring::IoUring;
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    const WARM: u64 = 0x5741_524d_0000_0000; // "WARM": no libublk user_data has these bits
+    let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_SEMAPHORE | EfdFlags::EFD_CLOEXEC)?;
+    let mut bufs = vec![[0u8; 8]; ops];
+    libublk::io::with_task_io_ring_mut(|ring: &mut IoUring| -> std::io::Result<()> {
+        if !ring.completion().is_empty() {
+            // Someone else's completions: not ours to consume. Skip the warm-up.
+            return Ok(());
+        }
+        let mut pushed = 0;
+        while pushed < ops {
+            {
+                let mut sq = ring.submission();
+                while pushed < ops && !sq.is_full() {
+                    let sqe =
+                        opcode::Read::new(types::Fd(efd.as_raw_fd()), bufs[pushed].as_mut_ptr(), 8)
+                            .build()
+                            .user_data(WARM | pushed as u64);
+                    // SAFETY: the 8-byte buffer and the eventfd outlive the read: both are
+                    // dropped only after every one of these reads has completed (below).
+                    unsafe { sq.push(&sqe) }.expect("checked not full");
+                    pushed += 1;
+                }
+            }
+            ring.submit()?;
+        }
+        efd.write(ops as u64)?;
+        let mut reaped = 0;
+        while reaped < ops {
+            ring.submit_and_wait(1)?;
+            for cqe in ring.completion() {
+                debug_assert_eq!(cqe.user_data() & !0xffff_ffff, WARM);
+                if cqe.result() < 0 {
+                    tracing::debug!("ring warm-up read: errno {}", -cqe.result());
+                }
+                reaped += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// One queue thread: protections, then one task per tag on the allocation-free executor.
 fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     if let Err(e) = hardening::protect_io_thread(ctx.protections) {
@@ -673,6 +735,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         block_device: ctx.backing.block_device,
     };
     let depth = usize::from(q.dev.dev_info.queue_depth);
+    if let Err(e) = warm_queue_ring(depth * usize::from(OPS_PER_TAG)) {
+        tracing::warn!("queue {qid}: io_uring warm-up failed: {e}");
+    }
     let exe = TagExecutor::new(q.tags().map(|tag| {
         let crypto = QueueCrypto {
             q: &q,
@@ -707,12 +772,31 @@ async fn serve_tag(
         qid: q.get_qid(),
         tag,
     };
-    let mut fetched = q
-        .submit_io_prep_cmd(tag, BufDesc::Slice(&[]), -1, None)
-        .await;
+    // The command in flight: `None` the first fetch, `Some(res)` a commit of `res` (and fetch).
+    let mut command: Option<i32> = None;
     loop {
+        let fetched = match command {
+            None => {
+                q.submit_io_prep_cmd(tag, BufDesc::Slice(&[]), -1, None)
+                    .await
+            }
+            Some(res) => q.submit_io_commit_cmd(tag, BufDesc::Slice(&[]), res).await,
+        };
         match fetched {
-            Ok(_) => {}
+            Ok(r) if r >= 0 => {}
+            // The command itself failed, so nothing was fetched and a commit did not land: its
+            // request is still ours. ENOMEM/EAGAIN are io_uring short of memory for a moment;
+            // giving up would leave that request (a swap bio, maybe) pending for ever.
+            Ok(r) if r == -libc::ENOMEM || r == -libc::EAGAIN || r == -libc::EINTR => {
+                if io.error_log.allow() {
+                    tracing::warn!("tag {tag}: ublk command failed (errno {}), retrying", -r);
+                }
+                continue;
+            }
+            Ok(r) => {
+                tracing::error!("tag {tag}: ublk command failed: errno {}", -r);
+                return;
+            }
             Err(UblkError::QueueIsDown) => return,
             Err(e) => {
                 tracing::error!("tag {tag}: {e}");
@@ -725,8 +809,7 @@ async fn serve_tag(
             start_sector: iod.start_sector,
             nr_sectors: iod.nr_sectors,
         };
-        let res = io.handle(&desc, &req, backing, &crypto).await;
-        fetched = q.submit_io_commit_cmd(tag, BufDesc::Slice(&[]), res).await;
+        command = Some(io.handle(&desc, &req, backing, &crypto).await);
     }
 }
 
@@ -847,7 +930,7 @@ impl BackingIo for UringBacking<'_> {
 }
 
 /// A tag's AES: pieces of at least [`MIN_OFFLOAD_BYTES`] go to the crypto workers, whose
-/// completion this task awaits as a read of its slot's eventfd on the queue's io_uring (so the
+/// completion this task awaits as a poll of its slot's eventfd on the queue's io_uring (so the
 /// queue thread serves other tags meanwhile); smaller pieces run inline.
 struct QueueCrypto<'a> {
     q: &'a UblkQueue<'a>,
@@ -870,17 +953,14 @@ impl SectorCrypto for QueueCrypto<'_> {
                 .await;
         };
         workers.submit(self.slot, chunk, len, sector, encrypt);
-        let mut counter = [0u8; 8];
         loop {
-            let sqe = opcode::Read::new(
-                types::Fd(workers.done_fd(self.slot)),
-                counter.as_mut_ptr(),
-                8,
-            )
-            .build();
+            let sqe =
+                opcode::PollAdd::new(types::Fd(workers.done_fd(self.slot)), libc::POLLIN as u32)
+                    .build();
             // The worker holds the chunk until it writes the eventfd: keep waiting through any
             // transient error rather than take the chunk back early.
-            if self.q.ublk_submit_sqe(sqe).await == 8 {
+            let r = self.q.ublk_submit_sqe(sqe).await;
+            if r > 0 && workers.take_done(self.slot) {
                 break;
             }
         }
