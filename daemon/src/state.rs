@@ -95,6 +95,42 @@ pub fn load(id: u32) -> Result<DeviceRecord> {
     serde_json::from_slice(&data).with_context(|| format!("corrupt record {}", path.display()))
 }
 
+/// Keeps a run file's pages in memory for the rest of this process: maps it and locks the
+/// mapping (the mapping is never undone).
+///
+/// Why: `/run` is a tmpfs, and these files are written once at start and then never touched,
+/// so under sustained memory pressure their pages go to swap — on a swap device served by this
+/// daemon, to the very device they describe. After a crash, `ublk-crypt recover` (and libublk,
+/// re-attaching) must read them while that device has no server: the read waits for ever
+/// (seen in the OOM torture, 2 runs out of 2). Locked, they stay in RAM while the daemon lives;
+/// after its death they become evictable again, but recovery reads them within moments.
+pub fn keep_in_memory(path: &Path) -> Result<()> {
+    use nix::sys::mman::{mlock, mmap, MapFlags, ProtFlags};
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file.metadata()?.len() as usize;
+    let Some(len) = std::num::NonZeroUsize::new(len) else {
+        return Ok(());
+    };
+    // SAFETY: a fresh read-only shared mapping of a file we opened; nothing in this process
+    // ever reads or writes through it (it exists only to hold the pages), so no aliasing or
+    // truncation hazard can reach Rust code.
+    let addr = unsafe {
+        mmap(
+            None,
+            len,
+            ProtFlags::PROT_READ,
+            MapFlags::MAP_SHARED,
+            &file,
+            0,
+        )
+    }
+    .with_context(|| format!("cannot map {}", path.display()))?;
+    // SAFETY: `addr..addr+len` is the mapping just made, never unmapped.
+    unsafe { mlock(addr, len.get()) }.with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(())
+}
+
 pub fn remove(id: u32) {
     let _ = std::fs::remove_file(record_path(id));
     let _ = std::fs::remove_file(socket_path(id));

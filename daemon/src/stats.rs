@@ -16,6 +16,10 @@ pub struct QueueCounters {
     pub errors: AtomicU64,
     /// IOs split into more than one pool chunk.
     pub split_ios: AtomicU64,
+    /// ublk commands resubmitted because io_uring was short of memory (ENOMEM/EAGAIN). Counted,
+    /// not logged: the log is a file on tmpfs, and writing it then would need the memory that
+    /// is missing.
+    pub command_retries: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -28,6 +32,8 @@ pub struct QueueSnapshot {
     pub bytes_written: u64,
     pub errors: u64,
     pub split_ios: u64,
+    #[serde(default)]
+    pub command_retries: u64,
 }
 
 impl QueueCounters {
@@ -46,6 +52,7 @@ impl QueueCounters {
             bytes_written: self.bytes_written.load(Relaxed),
             errors: self.errors.load(Relaxed),
             split_ios: self.split_ios.load(Relaxed),
+            command_retries: self.command_retries.load(Relaxed),
         }
     }
 }

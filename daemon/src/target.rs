@@ -525,6 +525,12 @@ fn serve_inner(
                 r.ready(&path);
             }
             tracing::info!("serving {path}");
+            // What recovery reads must not be in the swap it recovers (state::keep_in_memory).
+            for file in [state::record_path(id), c.run_path().into()] {
+                if let Err(e) = state::keep_in_memory(&file) {
+                    tracing::warn!("{e:#}: recovery may block if it is swapped out");
+                }
+            }
             if !ctx.backing.direct {
                 tracing::warn!(
                     "{} does not support O_DIRECT: using buffered IO, which needs page cache \
@@ -788,9 +794,7 @@ async fn serve_tag(
             // request is still ours. ENOMEM/EAGAIN are io_uring short of memory for a moment;
             // giving up would leave that request (a swap bio, maybe) pending for ever.
             Ok(r) if r == -libc::ENOMEM || r == -libc::EAGAIN || r == -libc::EINTR => {
-                if io.error_log.allow() {
-                    tracing::warn!("tag {tag}: ublk command failed (errno {}), retrying", -r);
-                }
+                QueueCounters::add(&io.counters.command_retries, 1);
                 continue;
             }
             Ok(r) => {
