@@ -174,6 +174,74 @@ fn swap_on_the_device() {
     assert!(out.console.contains("swap ok"));
 }
 
+/// The first swap-out burst a fresh daemon meets, twelve times over: open, mkswap, swapon,
+/// push ~150 MiB out, swapoff, close, again. A regression test for a freeze (1 run in ~10
+/// before the fix, at the 5th burst of this script once): a queue thread asked io_uring for its
+/// first 60-odd concurrent reads and writes at the moment memory ran out, and io_uring's
+/// allocation of their state (`io_prep_rw` → `kmalloc`) looped in IO-less reclaim for ever,
+/// with every swap write waiting on that thread. `warm_queue_ring` (daemon/src/target.rs) now
+/// has the ring allocate all of it at start-up. The watchdog turns a recurrence into a fast
+/// failure with every task's stack in the log.
+#[test]
+fn swap_first_bursts_of_fresh_daemons() {
+    if !vm_or_skip("swap_first_bursts_of_fresh_daemons") {
+        return;
+    }
+    let out = vm()
+        .memory_mib(256)
+        .cpus(2)
+        .disk_mib(512)
+        .binary(ublk_crypt_tests::release_binary("vm-watchdog"))
+        .host_tool("mkswap")
+        .host_tool("swapon")
+        .host_tool("swapoff")
+        .timeout(Duration::from_secs(900))
+        .run(
+            r#"
+            touch /tmp/heartbeat
+            vm-watchdog 20 wt --heartbeat /tmp/heartbeat 45 120 &
+            mkdir -p /mnt/big && mount -t tmpfs -o size=400m tmpfs /mnt/big
+            for it in $(seq 1 12); do
+                dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name burst)
+                mkswap $dev > /dev/null
+                swapon $dev
+                before=$(sed -n 's/^pswpout //p' /proc/vmstat)
+                for i in $(seq 1 19); do
+                    dd if=/dev/urandom of=/mnt/big/f$i bs=1M count=16 2>/dev/null
+                    touch /tmp/heartbeat
+                done
+                after=$(sed -n 's/^pswpout //p' /proc/vmstat)
+                ublk-crypt status burst --json > /tmp/status.json
+                echo "burst $it: pswpout +$((after - before)) $(grep -o '"command_retries":[0-9]*' /tmp/status.json) $(grep -o '"errors":[0-9]*' /tmp/status.json)"
+                rm -f /mnt/big/f*
+                swapoff $dev
+                ublk-crypt close burst
+                touch /tmp/heartbeat
+            done
+            echo "bursts done"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bursts: Vec<&str> = out
+        .console
+        .lines()
+        .filter_map(|l| l.split_once("burst ").map(|(_, b)| b))
+        .filter(|b| b.contains("pswpout"))
+        .collect();
+    assert_eq!(bursts.len(), 12, "every burst ran: {bursts:?}");
+    for b in &bursts {
+        let out_pages: u64 = b
+            .split_once("pswpout +")
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        // 304 MiB written into a 256 MiB guest: well over 20 000 pages must go out each time.
+        assert!(out_pages > 20_000, "swap really used in burst {b}");
+        assert!(b.contains("\"errors\":0"), "no IO errors in burst {b}");
+    }
+    assert!(out.console.contains("bursts done"));
+}
+
 /// kill -9 of the daemon under fio load, `recover`, and fio's verify finds no corruption —
 /// with an ephemeral (/dev/urandom) key, which only the keyring still has.
 #[test]
