@@ -224,7 +224,8 @@ pub struct Torture {
     /// Mount ramfs (never swapped) on /run/ublk-crypt (ublk-crypt's device records) and
     /// /run/ublksrvd (libublk's device JSON) before opening the device. Off by default: on a
     /// real system /run is a tmpfs, whose pages can go to the very swap device, and `recover`
-    /// reads both files (see tests/README.md, "OOM torture").
+    /// reads both files; the daemon keeps both locked in memory since the fix of that (see
+    /// tests/README.md, "OOM torture"), so this is only for comparison.
     pub ramfs_run_dir: bool,
     /// Crash phase: MiB the kill-and-recover helper holds locked and frees at the kill, so the
     /// recovering daemon finds memory (0: none; see kill-and-recover.rs).

@@ -174,14 +174,20 @@ fn swap_on_the_device() {
     assert!(out.console.contains("swap ok"));
 }
 
-/// The first swap-out burst a fresh daemon meets, twelve times over: open, mkswap, swapon,
-/// push ~150 MiB out, swapoff, close, again. A regression test for a freeze (1 run in ~10
-/// before the fix, at the 5th burst of this script once): a queue thread asked io_uring for its
-/// first 60-odd concurrent reads and writes at the moment memory ran out, and io_uring's
-/// allocation of their state (`io_prep_rw` → `kmalloc`) looped in IO-less reclaim for ever,
-/// with every swap write waiting on that thread. `warm_queue_ring` (daemon/src/target.rs) now
-/// has the ring allocate all of it at start-up. The watchdog turns a recurrence into a fast
-/// failure with every task's stack in the log.
+/// The first swap-out burst a fresh daemon meets, eight times over (open, mkswap, swapon, push
+/// ~150 MiB out, swapoff, close), with kprobes on the allocations io_uring makes behind a
+/// submission: per-op state (`io_alloc_async_data`), request structs
+/// (`__io_alloc_req_refill`), async poll entries (`io_arm_poll_handler`), punts to and
+/// creation of io-wq threads (`io_queue_iowq`, `create_io_worker`) and CQ overflow entries
+/// (`io_cqring_event_overflow`). During swap-out the daemon's threads must hit none of them; at
+/// start-up they must hit some (`warm_queue_ring` allocating — the probes' positive control).
+///
+/// The regression test of a freeze (~1 burst in 35 before the fix; 1 CI run of the OOM
+/// torture): a queue thread's first burst of 60-odd concurrent reads and writes made io_uring
+/// `kmalloc` their state (47 `io_alloc_async_data` calls per burst, measured with these probes)
+/// just as swap-out had used up memory, and that IO-less reclaim looped for ever with every
+/// swap write waiting on the thread. The watchdog turns a recurrence into a fast failure with
+/// every task's stack in the log.
 #[test]
 fn swap_first_bursts_of_fresh_daemons() {
     if !vm_or_skip("swap_first_bursts_of_fresh_daemons") {
@@ -198,23 +204,34 @@ fn swap_first_bursts_of_fresh_daemons() {
         .timeout(Duration::from_secs(900))
         .run(
             r#"
+            T=/sys/kernel/tracing
+            mount -t tracefs tracefs $T
+            for f in io_alloc_async_data __io_alloc_req_refill io_arm_poll_handler \
+                     io_queue_iowq create_io_worker io_cqring_event_overflow; do
+                echo "p:p_$f $f" >> $T/kprobe_events
+            done
+            echo 8192 > $T/buffer_size_kb
+            # Probe hits by the daemon's threads (comm ublk-crypt*), by function.
+            hits() { grep -E '^ *ublk-crypt' $T/trace | grep -o ' p_[a-z_0-9]*' | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}'; }
+            traced() { echo > $T/trace; echo 1 > $T/events/kprobes/enable; "$@"; echo 0 > $T/events/kprobes/enable; }
+            fill() { for i in $(seq 1 19); do
+                dd if=/dev/urandom of=/mnt/big/f$i bs=1M count=16 2>/dev/null
+                touch /tmp/heartbeat
+            done; }
             touch /tmp/heartbeat
             vm-watchdog 20 wt --heartbeat /tmp/heartbeat 45 120 &
             mkdir -p /mnt/big && mount -t tmpfs -o size=400m tmpfs /mnt/big
-            for it in $(seq 1 12); do
-                dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name burst)
-                mkswap $dev > /dev/null
-                swapon $dev
+            for it in $(seq 1 8); do
+                traced ublk-crypt open /dev/vda --key-file /dev/urandom --name burst
+                startup="$(hits)"
+                mkswap /dev/ublkb0 > /dev/null
+                swapon /dev/ublkb0
                 before=$(sed -n 's/^pswpout //p' /proc/vmstat)
-                for i in $(seq 1 19); do
-                    dd if=/dev/urandom of=/mnt/big/f$i bs=1M count=16 2>/dev/null
-                    touch /tmp/heartbeat
-                done
+                traced fill
                 after=$(sed -n 's/^pswpout //p' /proc/vmstat)
-                ublk-crypt status burst --json > /tmp/status.json
-                echo "burst $it: pswpout +$((after - before)) $(grep -o '"command_retries":[0-9]*' /tmp/status.json) $(grep -o '"errors":[0-9]*' /tmp/status.json)"
+                echo "burst $it: pswpout +$((after - before)) swap-out: [$(hits)] start-up: [$startup] $(ublk-crypt status burst --json | grep -o '"errors":[0-9]*')"
                 rm -f /mnt/big/f*
-                swapoff $dev
+                swapoff /dev/ublkb0
                 ublk-crypt close burst
                 touch /tmp/heartbeat
             done
@@ -228,15 +245,25 @@ fn swap_first_bursts_of_fresh_daemons() {
         .filter_map(|l| l.split_once("burst ").map(|(_, b)| b))
         .filter(|b| b.contains("pswpout"))
         .collect();
-    assert_eq!(bursts.len(), 12, "every burst ran: {bursts:?}");
-    for b in &bursts {
-        let out_pages: u64 = b
-            .split_once("pswpout +")
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+    assert_eq!(bursts.len(), 8, "every burst ran: {bursts:?}");
+    fn between<'a>(b: &'a str, from: &str, to: &str) -> &'a str {
+        b.split_once(from)
+            .and_then(|(_, r)| r.split_once(to))
+            .map_or("?", |(v, _)| v)
+    }
+    for b in bursts {
+        let out_pages: u64 = between(b, "pswpout +", " ").parse().unwrap_or(0);
         // 304 MiB written into a 256 MiB guest: well over 20 000 pages must go out each time.
         assert!(out_pages > 20_000, "swap really used in burst {b}");
+        assert_eq!(
+            between(b, "swap-out: [", "]").trim(),
+            "",
+            "the daemon made io_uring allocate during swap-out: burst {b}"
+        );
+        assert!(
+            between(b, "start-up: [", "]").contains("p_io_alloc_async_data="),
+            "the probes saw the start-up warm-up (positive control): burst {b}"
+        );
         assert!(b.contains("\"errors\":0"), "no IO errors in burst {b}");
     }
     assert!(out.console.contains("bursts done"));

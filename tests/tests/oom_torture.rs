@@ -42,19 +42,18 @@ fn swap_on_ublk_crypt_survives_overcommit_and_oom() {
 /// `kill -9` of the daemon in the middle of a 2× RAM hog's re-stamp pass; `ublk-crypt
 /// recover` from a locked IO-flusher helper; every page of the hog verifies.
 ///
-/// Two workarounds stand in for daemon fixes (tests/README.md, "OOM torture", "Crash and
-/// recovery"): /run/ublk-crypt and /run/ublksrvd on ramfs (on a tmpfs, as on a real system,
-/// their pages go to the swap device itself and `recover` blocks for ever reading the record
-/// it needs), and 32 MiB held by the helper and freed at the kill (else the hog can take the
-/// dead daemon's memory and the recovering one finds none for its locked pool).
-/// `scripts/torture --crash` without `--ramfs-run-dir` / `--reserve-mib` shows both.
+/// /run stays a tmpfs, as on a real system: the daemon keeps its record and libublk's JSON
+/// locked in memory (`state::keep_in_memory`), so `recover` can read them although the rest of
+/// /run may be in the swap it recovers. One workaround stands in for a daemon design change
+/// (tests/README.md, "OOM torture", "Crash and recovery"): 32 MiB held by the helper and freed
+/// at the kill, else the hog can take the dead daemon's memory and the recovering one finds
+/// none for its locked pool. `scripts/torture --crash` without `--reserve-mib` shows it.
 #[test]
 fn swap_on_ublk_crypt_survives_a_daemon_crash() {
     if !vm_or_skip("swap_on_ublk_crypt_survives_a_daemon_crash") {
         return;
     }
     let mut t = Torture::new(Backend::UblkCrypt, Profile::from_env().crash_phases());
-    t.ramfs_run_dir = true;
     t.recover_reserve_mib = 32;
     run(t);
 }
