@@ -73,6 +73,15 @@ pub fn protect_io_thread(p: Protections) -> Result<()> {
     Ok(())
 }
 
+/// First thing a recovering process does (`recover`, `open --id` finding a device to
+/// re-attach): its swap device has no server until it is done, so reclaim on its behalf must
+/// never try to write to swap — it would wait on that device for ever (seen in the OOM
+/// torture, inside `execve` of a recover whose parent was not an IO flusher). Best effort: the
+/// full protections follow in `protect_process`, which reports a failure properly.
+pub fn io_flusher_for_recovery() {
+    let _ = set_io_flusher();
+}
+
 fn set_io_flusher() -> Result<()> {
     // SAFETY: prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) only sets a flag on the calling thread.
     let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };

@@ -136,6 +136,7 @@ pub fn forget_key(id: u32) {
 
 /// `ublk-crypt recover NAME|ID`: re-attach a new daemon to a device whose daemon died.
 pub fn recover(device: &str, foreground: bool) -> Result<ExitCode> {
+    crate::hardening::io_flusher_for_recovery();
     let rec = state::resolve(device)?;
     let dev_state = target::device_state(rec.id)
         .with_context(|| format!("ublk device {} does not exist any more", rec.id))?;

@@ -97,6 +97,7 @@ pub fn open(args: OpenArgs) -> Result<ExitCode> {
         if let Ok(st) = device_state(id) {
             // systemd restarted us after a crash: re-attach instead of failing.
             if st.quiesced && !st.daemon_alive {
+                hardening::io_flusher_for_recovery();
                 let rec = state::load(id).with_context(|| {
                     format!("ublk device {id} waits for recovery but has no ublk-crypt record")
                 })?;
