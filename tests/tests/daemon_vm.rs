@@ -206,10 +206,14 @@ fn swap_first_bursts_of_fresh_daemons() {
             r#"
             T=/sys/kernel/tracing
             mount -t tracefs tracefs $T
-            for f in io_alloc_async_data __io_alloc_req_refill io_arm_poll_handler \
-                     io_queue_iowq create_io_worker io_cqring_event_overflow; do
-                echo "p:p_$f $f" >> $T/kprobe_events
+            # io_alloc_async_data is required (the allocation that froze); the others are
+            # static functions a later 6.12 build might inline: used where they can be probed.
+            echo "p:p_io_alloc_async_data io_alloc_async_data" >> $T/kprobe_events
+            for f in __io_alloc_req_refill io_arm_poll_handler io_queue_iowq create_io_worker \
+                     io_cqring_event_overflow; do
+                echo "p:p_$f $f" >> $T/kprobe_events 2>/dev/null || echo "probe $f: not available"
             done
+            echo "probes: $(sed 's/^p:[^ ]* //' $T/kprobe_events | awk '{print $1}' | tr '\n' ' ')"
             echo 8192 > $T/buffer_size_kb
             # Probe hits by the daemon's threads (comm ublk-crypt*), by function.
             hits() { grep -E '^ *ublk-crypt' $T/trace | grep -o ' p_[a-z_0-9]*' | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}'; }
