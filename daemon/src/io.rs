@@ -152,14 +152,11 @@ impl IoPath<'_> {
         if res < 0 {
             QueueCounters::add(&self.counters.errors, 1);
             if self.error_log.allow() {
-                tracing::error!(
-                    queue = self.queue,
-                    op = io.op,
-                    sector = io.start_sector,
-                    sectors = io.nr_sectors,
-                    errno = -res,
-                    "IO failed"
-                );
+                // To the kernel log, not stderr: see kernel_log.rs for why.
+                crate::kernel_log::error(format_args!(
+                    "queue {} op {} sector {} sectors {}: IO failed, errno {}",
+                    self.queue, io.op, io.start_sector, io.nr_sectors, -res
+                ));
             }
         }
         res

@@ -9,6 +9,7 @@ pub mod docs;
 pub mod executor;
 pub mod hardening;
 pub mod io;
+pub mod kernel_log;
 pub mod key_source;
 pub mod offload;
 pub mod recovery;

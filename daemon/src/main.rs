@@ -9,6 +9,7 @@
 //! - [`backing`]: opening and validating the backing file or block device;
 //! - [`hardening`]: what keeps the daemon alive and out of reclaim under OOM;
 //! - [`io`]: the IO path, fetch → (decrypt|encrypt) → backing IO → commit;
+//! - [`kernel_log`]: the IO path's messages, to `/dev/kmsg` (never a file that can be in swap);
 //! - [`executor`]: the allocation-free per-tag executor each queue thread runs;
 //! - [`offload`]: crypto worker threads, so one queue's AES can use every CPU;
 //! - [`target`]: the ublk device: creation, parameters, queue threads;

@@ -410,6 +410,7 @@ fn serve_inner(
     let protections = Protections {
         enabled: record.protections,
     };
+    crate::kernel_log::open();
     hardening::protect_process(protections)?;
     let pool = ReservePool::new(PoolConfig {
         budget_bytes: record.pool_mib << 20,

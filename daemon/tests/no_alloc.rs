@@ -199,3 +199,27 @@ fn crypto_workers_allocate_nothing_in_steady_state() {
         slot: tag as usize,
     });
 }
+
+/// The IO path's error messages (kernel_log.rs) are formatted on the stack and written with one
+/// syscall: logging an IO error under memory pressure must not allocate either. (Where
+/// `/dev/kmsg` cannot be opened the write is skipped, and the formatting is checked alone.)
+#[test]
+fn io_error_messages_allocate_nothing() {
+    ublk_crypt::kernel_log::open();
+    let mut buf = [0u8; 256];
+    TRACKED.with(|t| t.set(true));
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for i in 0..10u64 {
+        ublk_crypt::kernel_log::error(format_args!(
+            "test of the IO path's error line {i} (not an error): queue {} sector {} errno {}",
+            0,
+            i * 8,
+            5
+        ));
+        let line = ublk_crypt::kernel_log::format_line(&mut buf, 3, 1, format_args!("{i}"));
+        assert!(!line.is_empty());
+    }
+    let after = ALLOCS.load(Ordering::Relaxed);
+    TRACKED.with(|t| t.set(false));
+    assert_eq!(after - before, 0, "allocations while logging an IO error");
+}

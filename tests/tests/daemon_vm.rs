@@ -464,3 +464,55 @@ echo "CASE no-driver rc=$rc lines=$(wc -l < /tmp/err) out=$(wc -c < /tmp/out) er
         assert!(line.contains("err=ublk-crypt: "), "{line}");
     }
 }
+
+/// A backing that fails every IO (device-mapper's `error` target): reads and writes of the
+/// ublk device fail with EIO, the daemon counts the errors, logs them to the kernel log (never
+/// to a file that could be in swap, see daemon/src/kernel_log.rs) and keeps serving.
+#[test]
+fn backing_errors_are_eio_counted_and_in_the_kernel_log() {
+    if !vm_or_skip("backing_errors_are_eio_counted_and_in_the_kernel_log") {
+        return;
+    }
+    let out = vm()
+        .host_tool("dmsetup")
+        .timeout(Duration::from_secs(300))
+        .run(
+            r#"
+            dmsetup create bad --table "0 262144 error"
+            dev=$(ublk-crypt open /dev/mapper/bad --key-file /root/key --name bad)
+            if dd if=$dev of=/dev/null bs=4k count=1 iflag=direct 2> /tmp/err; then
+                echo "read from an error target succeeded"; exit 1
+            fi
+            grep -iE "input/output|i/o error" /tmp/err
+            sleep 1  # the daemon's error log is rate-limited to one line a second
+            if dd if=/dev/zero of=$dev bs=64k count=1 oflag=direct 2> /tmp/err; then
+                echo "write to an error target succeeded"; exit 1
+            fi
+            grep -iE "input/output|i/o error" /tmp/err
+            vm_section status ublk-crypt status bad --json
+            ublk-crypt close bad
+            dmsetup remove bad
+            echo errors ok
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = out.section("status").unwrap();
+    let errors: u64 = status
+        .split("\"errors\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(errors >= 2, "both failed IOs counted: {status}");
+    // Error-level kernel messages reach the console (the VM boots with loglevel=5).
+    let kmsg: Vec<&str> = out
+        .console
+        .lines()
+        .filter(|l| l.contains("ublk-crypt[") && l.contains("IO failed, errno 5"))
+        .collect();
+    assert!(
+        kmsg.iter().any(|l| l.contains(" op 1 ")),
+        "the daemon's error line for the failed write is in the kernel log: {kmsg:?}"
+    );
+    assert!(out.console.contains("errors ok"));
+}
