@@ -2,8 +2,8 @@
 //! cipher spec and key size, in the spirit of `cryptsetup benchmark`.
 //!
 //! It measures [`SectorCipher`] alone — the code the IO path runs on every sector — on one
-//! core, in memory, over a 64 KiB buffer (the size of one pool chunk, so it stays in cache as
-//! the daemon's chunks do). No ublk, no storage, no privileges. Like cryptsetup's, the numbers
+//! core, in memory, over a 64 KiB buffer (in cache, as the daemon's pool
+//! chunks are). No ublk, no storage, no privileges. Like cryptsetup's, the numbers
 //! are an upper bound for the device: a real device adds the user copy, the backing IO and the
 //! ublk round trips (see `bench/README.md` for device-level numbers next to dm-crypt).
 

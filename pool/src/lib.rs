@@ -18,7 +18,7 @@
 //!   copy-on-write would make our writes allocate). It never grows or shrinks and is unmapped
 //!   when the [`ReservePool`] is dropped. A failed `mlock` is an error ([`PoolError::Mlock`]), never a
 //!   silent downgrade.
-//! * The region is cut into equal [`Chunk`]s ([`PoolConfig::chunk_bytes`], default 64 KiB, a
+//! * The region is cut into equal [`Chunk`]s ([`PoolConfig::chunk_bytes`], default 256 KiB, a
 //!   power of two ≥ 4096, so every chunk is aligned for `O_DIRECT`). A chunk is an RAII guard:
 //!   it dereferences to `[u8]` and returns itself to the pool when dropped. Its
 //!   [`index`](Chunk::index) is stable, and [`ReservePool::region_ptr`]/[`ReservePool::region_len`] describe
@@ -59,7 +59,7 @@
 //! }
 //!
 //! let pool = ReservePool::new(PoolConfig {
-//!     budget_bytes: 1 << 20,
+//!     budget_bytes: 4 << 20,
 //!     queues: 4,
 //!     ..PoolConfig::default()
 //! })?;

@@ -59,7 +59,7 @@ fn lower_memlock_limit(bytes: u64) {
 fn child() {
     drop_cap_ipc_lock();
     lower_memlock_limit(64 << 10);
-    let budget = 1 << 20;
+    let budget = 2 << 20;
     let cfg = PoolConfig {
         budget_bytes: budget,
         ..PoolConfig::with_queues(2)
@@ -100,7 +100,7 @@ fn mlock_failure_is_a_clear_error() {
         .lines()
         .find_map(|l| Some(l.split_once("CHILD-OK: ")?.1))
         .unwrap_or_else(|| panic!("child did not run the check:\n{stdout}\n{stderr}"));
-    assert!(line.contains("1048576-byte"), "{line}");
+    assert!(line.contains("2097152-byte"), "{line}");
     assert!(line.contains("LimitMEMLOCK"), "{line}");
     assert!(line.contains("CAP_IPC_LOCK"), "{line}");
 }

@@ -357,9 +357,9 @@ fn unlocked_pool_for_torture_tests() {
     })
     .unwrap();
     assert!(!p.is_locked());
-    assert_eq!(p.chunks(), 256);
+    assert_eq!(p.chunks(), 64);
     assert_eq!(p.queues(), 2);
-    assert_eq!(p.chunk_bytes(), 64 * K);
+    assert_eq!(p.chunk_bytes(), 256 * K);
     let mut c = p.try_acquire(1).unwrap();
     c[0] = 7;
     assert_eq!(c[0], 7);
