@@ -102,7 +102,7 @@ pub fn load(id: u32) -> Result<DeviceRecord> {
 /// so under sustained memory pressure their pages go to swap — on a swap device served by this
 /// daemon, to the very device they describe. After a crash, `ublk-crypt recover` (and libublk,
 /// re-attaching) must read them while that device has no server: the read waits for ever
-/// (seen in the OOM torture, 2 runs out of 2). Locked, they stay in RAM while the daemon lives;
+/// (seen in the OOM torture, 3 runs out of 3). Locked, they stay in RAM while the daemon lives;
 /// after its death they become evictable again, but recovery reads them within moments.
 pub fn keep_in_memory(path: &Path) -> Result<()> {
     use nix::sys::mman::{mlock, mmap, MapFlags, ProtFlags};

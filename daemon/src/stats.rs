@@ -17,8 +17,7 @@ pub struct QueueCounters {
     /// IOs split into more than one pool chunk.
     pub split_ios: AtomicU64,
     /// ublk commands resubmitted because io_uring was short of memory (ENOMEM/EAGAIN). Counted,
-    /// not logged: the log is a file on tmpfs, and writing it then would need the memory that
-    /// is missing.
+    /// not logged: it happens exactly when memory is short.
     pub command_retries: AtomicU64,
 }
 

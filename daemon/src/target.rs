@@ -415,7 +415,10 @@ fn serve_inner(
     let budget_bytes = record.pool_mib << 20;
     let pool = ReservePool::new(PoolConfig {
         budget_bytes,
-        chunk_bytes: chunk_bytes_for(budget_bytes, record.queues, record.depth),
+        chunk_bytes: ublk_crypt_pool::chunk_bytes_for(
+            budget_bytes,
+            usize::from(record.queues) * usize::from(record.depth),
+        ),
         lock: protections.enabled,
         ..PoolConfig::with_queues(usize::from(record.queues))
     })
@@ -711,19 +714,6 @@ fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
     })
 }
 
-/// The pool's chunk size: the default (256 KiB: few pieces per large IO) while the budget still
-/// gives every tag of every queue a chunk of its own; smaller (halving, not below 64 KiB) for
-/// deeper or more queues, so that a full queue of small IOs does not wait for chunks that
-/// large-chunk copies of 4 KiB requests are holding.
-fn chunk_bytes_for(budget_bytes: usize, queues: u16, depth: u16) -> usize {
-    let tags = usize::from(queues) * usize::from(depth);
-    let mut chunk = ublk_crypt_pool::DEFAULT_CHUNK_BYTES;
-    while chunk > (64 << 10) && budget_bytes / chunk < tags {
-        chunk /= 2;
-    }
-    chunk
-}
-
 /// One queue thread: protections, then one task per tag on the allocation-free executor.
 fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     if let Err(e) = hardening::protect_io_thread(ctx.protections) {
@@ -986,20 +976,5 @@ impl SectorCrypto for QueueCrypto<'_> {
             }
         }
         workers.finish(self.slot)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chunk_bytes_for;
-
-    #[test]
-    fn chunks_shrink_until_every_tag_has_one() {
-        let mib = |m: usize| m << 20;
-        assert_eq!(chunk_bytes_for(mib(16), 1, 64), 256 << 10); // the default: 64 chunks
-        assert_eq!(chunk_bytes_for(mib(16), 1, 128), 128 << 10);
-        assert_eq!(chunk_bytes_for(mib(16), 2, 64), 128 << 10);
-        assert_eq!(chunk_bytes_for(mib(16), 4, 128), 64 << 10); // floor
-        assert_eq!(chunk_bytes_for(mib(64), 2, 128), 256 << 10);
     }
 }

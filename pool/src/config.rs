@@ -16,6 +16,18 @@ pub const DEFAULT_BUDGET_BYTES: usize = 16 << 20;
 /// ~1.0× (bench/README.md). 64 chunks still give each of the default 64 tags its own.
 pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
 
+/// The chunk size for `tags` IOs in flight (queues × depth) in `budget_bytes`: the default
+/// (256 KiB: few pieces per large IO) while the budget still gives every tag a chunk of its
+/// own; halved (not below 64 KiB) until it does, so that a full queue of small IOs does not wait
+/// for chunks that large-chunk copies of 4 KiB requests are holding.
+pub fn chunk_bytes_for(budget_bytes: usize, tags: usize) -> usize {
+    let mut chunk = DEFAULT_CHUNK_BYTES;
+    while chunk > (64 << 10) && budget_bytes / chunk < tags {
+        chunk /= 2;
+    }
+    chunk
+}
+
 /// Smallest chunk size and the alignment every chunk has at least: what `O_DIRECT` needs
 /// (logical block size up to 4096) and the unit in which the region is mapped.
 pub const CHUNK_ALIGN: usize = 4096;
@@ -236,6 +248,18 @@ impl std::error::Error for PoolError {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chunks_shrink_until_every_tag_has_one() {
+        use super::chunk_bytes_for;
+        let mib = |m: usize| m << 20;
+        // (budget, queues × depth)
+        assert_eq!(chunk_bytes_for(mib(16), 64), 256 << 10); // the default: 64 chunks
+        assert_eq!(chunk_bytes_for(mib(16), 128), 128 << 10);
+        assert_eq!(chunk_bytes_for(mib(16), 2 * 64), 128 << 10);
+        assert_eq!(chunk_bytes_for(mib(16), 4 * 128), 64 << 10); // floor
+        assert_eq!(chunk_bytes_for(mib(64), 2 * 128), 256 << 10);
+    }
+
     use super::*;
 
     fn cfg(budget: usize, chunk: usize, queues: usize, reserve: usize) -> PoolConfig {

@@ -123,7 +123,7 @@ mod pool;
 mod region;
 
 pub use config::{
-    PoolConfig, PoolError, CHUNK_ALIGN, DEFAULT_BUDGET_BYTES, DEFAULT_CHUNK_BYTES,
+    chunk_bytes_for, PoolConfig, PoolError, CHUNK_ALIGN, DEFAULT_BUDGET_BYTES, DEFAULT_CHUNK_BYTES,
     DEFAULT_RESERVE_PER_QUEUE,
 };
 pub use pool::{Acquire, Chunk, PoolStats, QueueStats, ReservePool};

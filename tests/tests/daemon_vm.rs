@@ -15,6 +15,17 @@ fn vm() -> VmBuilder {
         )
 }
 
+/// A guest for the swap tests: 256 MiB of RAM (so swap is really used), a 512 MiB disk for the
+/// swap device, the swap tools and the heartbeat watchdog.
+fn swap_vm() -> VmBuilder {
+    vm().memory_mib(256)
+        .disk_mib(512)
+        .binary(ublk_crypt_tests::release_binary("vm-watchdog"))
+        .host_tool("mkswap")
+        .host_tool("swapon")
+        .host_tool("swapoff")
+}
+
 /// fio verify=crc32c, random and sequential, 4 KiB–1 MiB, queue depth 32, on 512- and
 /// 4096-byte sectors with one and two queues.
 #[test]
@@ -111,13 +122,7 @@ fn swap_on_the_device() {
     if !vm_or_skip("swap_on_the_device") {
         return;
     }
-    let out = vm()
-        .memory_mib(256)
-        .disk_mib(512)
-        .binary(ublk_crypt_tests::release_binary("vm-watchdog"))
-        .host_tool("mkswap")
-        .host_tool("swapon")
-        .host_tool("swapoff")
+    let out = swap_vm()
         .timeout(Duration::from_secs(600))
         .run(
             r#"
@@ -193,14 +198,8 @@ fn swap_first_bursts_of_fresh_daemons() {
     if !vm_or_skip("swap_first_bursts_of_fresh_daemons") {
         return;
     }
-    let out = vm()
-        .memory_mib(256)
+    let out = swap_vm()
         .cpus(2)
-        .disk_mib(512)
-        .binary(ublk_crypt_tests::release_binary("vm-watchdog"))
-        .host_tool("mkswap")
-        .host_tool("swapon")
-        .host_tool("swapoff")
         .timeout(Duration::from_secs(900))
         .run(
             r#"
