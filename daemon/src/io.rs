@@ -9,8 +9,8 @@
 //! ```
 //!
 //! The AES itself goes through [`SectorCrypto`]: inline on the queue thread, or (in the daemon,
-//! for pieces of at least 32 KiB) on the crypto workers of `offload.rs`, so one queue can use
-//! every CPU the way dm-crypt's kcryptd does.
+//! for pieces of at least 32 KiB while the queue has other work) on the crypto workers of
+//! `offload.rs`, so one queue can use every CPU the way dm-crypt's kcryptd does.
 //!
 //! Plaintext never touches the backing and ciphertext never reaches the request; encryption
 //! happens in the locked pool chunk, never in the caller's pages. Each IO holds at most one
@@ -80,6 +80,18 @@ pub trait SectorCrypto {
         sector: u64,
         encrypt: bool,
     ) -> (Chunk<'static>, bool);
+
+    /// Like `crypt`, for a piece whose request has other work in flight meanwhile (the next
+    /// piece's backing read): worth another thread even when the queue has nothing else to do.
+    async fn crypt_overlapped(
+        &self,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        self.crypt(chunk, len, sector, encrypt).await
+    }
 }
 
 /// The AES on the calling thread.
@@ -248,7 +260,7 @@ impl IoPath<'_> {
                 Some(mut next) => {
                     let m = (total - next_at).min(next.len());
                     let ((c, ok), r) = join2(
-                        crypto.crypt(chunk, n, sector, false),
+                        crypto.crypt_overlapped(chunk, n, sector, false),
                         read_all(backing, &mut next[..m], base + next_at as u64),
                     )
                     .await;

@@ -36,6 +36,15 @@ use crate::hardening::{self, Protections};
 /// than the AES.
 pub const MIN_OFFLOAD_BYTES: usize = 32 << 10;
 
+/// Whether a piece of `len` bytes goes to a worker. Only when the queue thread has something
+/// else to do meanwhile: other requests of its queue in flight (`in_flight` counts the one
+/// this piece belongs to), or the same request's next backing read (`overlapped`). A request
+/// alone on its queue — a swap-in, one faulting task — is faster inline: the hand-off adds two
+/// thread wake-ups and saves nothing.
+pub fn worth_offloading(len: usize, in_flight: u16, overlapped: bool) -> bool {
+    len >= MIN_OFFLOAD_BYTES && (overlapped || in_flight > 1)
+}
+
 struct Job {
     chunk: Chunk<'static>,
     len: usize,
@@ -170,5 +179,29 @@ impl CryptoWorkers {
             .take()
             .expect("finish() after the worker signalled completion");
         (job.chunk, job.ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_large_pieces_with_other_work_meanwhile_are_offloaded() {
+        assert!(!worth_offloading(4096, 64, true), "small: always inline");
+        assert!(!worth_offloading(MIN_OFFLOAD_BYTES - 512, 2, true));
+        assert!(
+            !worth_offloading(MIN_OFFLOAD_BYTES, 1, false),
+            "alone: inline"
+        );
+        assert!(!worth_offloading(256 << 10, 1, false), "alone: inline");
+        assert!(
+            worth_offloading(MIN_OFFLOAD_BYTES, 2, false),
+            "others in flight"
+        );
+        assert!(
+            worth_offloading(256 << 10, 1, true),
+            "next piece being read"
+        );
     }
 }
