@@ -23,6 +23,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use anyhow::{Context, Result};
@@ -40,10 +41,17 @@ pub const MIN_OFFLOAD_BYTES: usize = 32 << 10;
 /// else to do meanwhile: other requests of its queue in flight (`in_flight` counts the one
 /// this piece belongs to), or the same request's next backing read (`overlapped`). A request
 /// alone on its queue — a swap-in, one faulting task — is faster inline: the hand-off adds two
-/// thread wake-ups and saves nothing.
-pub fn worth_offloading(len: usize, in_flight: u16, overlapped: bool) -> bool {
-    len >= MIN_OFFLOAD_BYTES && (overlapped || in_flight > 1)
+/// thread wake-ups and saves nothing. And when every worker is busy (`worker_idle` false), a
+/// piece of at most [`MAX_INLINE_WHEN_BUSY`] runs inline too: queued behind the workers it
+/// would wait, while the queue thread can be one more AES lane.
+pub fn worth_offloading(len: usize, in_flight: u16, overlapped: bool, worker_idle: bool) -> bool {
+    len >= MIN_OFFLOAD_BYTES
+        && (overlapped || (in_flight > 1 && (worker_idle || len > MAX_INLINE_WHEN_BUSY)))
 }
+
+/// Largest piece the queue thread encrypts itself when every worker is busy. Larger ones would
+/// hold it (and every other tag's completions) too long: 64 KiB is ~0.7 ms of AES under TCG.
+pub const MAX_INLINE_WHEN_BUSY: usize = 64 << 10;
 
 struct Job {
     chunk: Chunk<'static>,
@@ -63,6 +71,9 @@ pub struct CryptoWorkers {
     slots: Box<[JobSlot]>,
     work: Mutex<VecDeque<usize>>,
     ready: Condvar,
+    /// Jobs submitted and not yet finished by a worker.
+    outstanding: AtomicUsize,
+    threads: usize,
 }
 
 impl CryptoWorkers {
@@ -93,6 +104,8 @@ impl CryptoWorkers {
             slots,
             work: Mutex::new(VecDeque::with_capacity(n)),
             ready: Condvar::new(),
+            outstanding: AtomicUsize::new(0),
+            threads,
         }));
         for i in 0..threads {
             std::thread::Builder::new()
@@ -132,6 +145,7 @@ impl CryptoWorkers {
                 };
             }
             *s.job.lock().unwrap() = job;
+            self.outstanding.fetch_sub(1, Ordering::Relaxed);
             // The counter cannot overflow (one job per slot at a time), so this cannot fail.
             let _ = s.done.write(1);
         }
@@ -155,8 +169,14 @@ impl CryptoWorkers {
             encrypt,
             ok: false,
         });
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
         self.work.lock().unwrap().push_back(slot);
         self.ready.notify_one();
+    }
+
+    /// Whether some worker has nothing to do right now.
+    pub fn worker_idle(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) < self.threads
     }
 
     /// The eventfd a worker writes when `slot`'s job is done.
@@ -188,20 +208,30 @@ mod tests {
 
     #[test]
     fn only_large_pieces_with_other_work_meanwhile_are_offloaded() {
-        assert!(!worth_offloading(4096, 64, true), "small: always inline");
-        assert!(!worth_offloading(MIN_OFFLOAD_BYTES - 512, 2, true));
+        let (big, huge) = (MIN_OFFLOAD_BYTES, MAX_INLINE_WHEN_BUSY + 4096);
         assert!(
-            !worth_offloading(MIN_OFFLOAD_BYTES, 1, false),
+            !worth_offloading(4096, 64, true, true),
+            "small: always inline"
+        );
+        assert!(!worth_offloading(big - 512, 2, true, true));
+        assert!(!worth_offloading(big, 1, false, true), "alone: inline");
+        assert!(
+            !worth_offloading(256 << 10, 1, false, true),
             "alone: inline"
         );
-        assert!(!worth_offloading(256 << 10, 1, false), "alone: inline");
+        assert!(worth_offloading(big, 2, false, true), "others in flight");
         assert!(
-            worth_offloading(MIN_OFFLOAD_BYTES, 2, false),
-            "others in flight"
+            worth_offloading(256 << 10, 1, true, false),
+            "next piece being read"
         );
         assert!(
-            worth_offloading(256 << 10, 1, true),
-            "next piece being read"
+            !worth_offloading(big, 8, false, false),
+            "workers busy: inline"
+        );
+        assert!(!worth_offloading(MAX_INLINE_WHEN_BUSY, 8, false, false));
+        assert!(
+            worth_offloading(huge, 8, false, false),
+            "too big to hold the queue"
         );
     }
 }

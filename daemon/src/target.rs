@@ -997,7 +997,7 @@ impl QueueCrypto<'_> {
     ) -> (ublk_crypt_pool::Chunk<'static>, bool) {
         let Some(workers) = self
             .workers
-            .filter(|_| worth_offloading(len, self.in_flight.get(), overlapped))
+            .filter(|w| worth_offloading(len, self.in_flight.get(), overlapped, w.worker_idle()))
         else {
             return InlineCrypto(self.cipher)
                 .crypt(chunk, len, sector, encrypt)
