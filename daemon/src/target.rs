@@ -951,7 +951,7 @@ impl BackingIo for UringBacking<'_> {
 /// worker as a poll of its slot's eventfd on the queue's io_uring. Everything else runs
 /// inline: with nothing else to do, a hand-off only adds two thread wake-ups to the request's
 /// latency, which is what a swap-in — one faulting task, reads of 8–32 KiB — waits for
-/// (measured in the VM: a 32 KiB read at queue depth 1 took 1.4× as long as on dm-crypt when
+/// (measured in the VM: a 32 KiB read at queue depth 1 took 1.3–1.5× as long as on dm-crypt when
 /// handed off).
 struct QueueCrypto<'a> {
     q: &'a UblkQueue<'a>,
