@@ -52,15 +52,9 @@ impl<F: Future<Output = ()>> TagExecutor<F> {
         let tasks: Vec<_> = tasks.into_iter().map(|f| Some(Box::pin(f))).collect();
         let n = tasks.len();
         let ready = Arc::new(ReadyBits(
+            // One bit set per task (the last word's unused high bits stay clear).
             (0..n.div_ceil(64))
-                .map(|w| {
-                    let in_word = (n - w * 64).min(64);
-                    AtomicU64::new(if in_word == 64 {
-                        u64::MAX
-                    } else {
-                        (1 << in_word) - 1
-                    })
-                })
+                .map(|w| AtomicU64::new(u64::MAX >> (64 - (n - w * 64).min(64))))
                 .collect(),
         ));
         let wakers = (0..n)
