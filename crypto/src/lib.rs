@@ -18,6 +18,7 @@
 //! Nothing here allocates after construction, so the daemon may call [`SectorCipher::encrypt`] and
 //! [`SectorCipher::decrypt`] on its IO path.
 
+mod backend;
 mod cbc;
 mod error;
 mod key;
@@ -25,6 +26,7 @@ mod sector;
 mod spec;
 mod xts;
 
+pub use backend::{aes_backend, AesBackend};
 pub use error::CryptoError;
 pub use key::{Key, PassphraseHash};
 pub use sector::{SectorCipher, SectorLayout, SECTOR_SHIFT};

@@ -56,6 +56,10 @@ pub struct Status {
     /// From /proc/self/status: resident and locked memory of the daemon, KiB.
     pub vm_rss_kib: u64,
     pub vm_lck_kib: u64,
+    /// The `aes` crate's implementation on this CPU (`vaes512`, `vaes256`, `aes-ni`, `soft`):
+    /// what the cipher's speed depends on most.
+    #[serde(default)]
+    pub aes_backend: String,
 }
 
 fn status_of(ctx: &DeviceContext) -> Status {
@@ -90,6 +94,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         queues,
         vm_rss_kib: rss,
         vm_lck_kib: lck,
+        aes_backend: ublk_crypt_crypto::aes_backend().to_string(),
     }
 }
 
@@ -323,8 +328,8 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
         d.backing.display()
     );
     println!(
-        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}",
-        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip
+        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}",
+        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend
     );
     println!("  size:        {} sectors", d.size / 512);
     println!(

@@ -532,7 +532,7 @@ fn serve_inner(
             if let Some(mut r) = readiness.lock().unwrap().take() {
                 r.ready(&path);
             }
-            tracing::info!("serving {path}");
+            tracing::info!("serving {path} (AES: {})", ublk_crypt_crypto::aes_backend());
             // What recovery reads must not be in the swap it recovers (state::keep_in_memory).
             for file in [state::record_path(id), c.run_path().into()] {
                 if let Err(e) = state::keep_in_memory(&file) {

@@ -47,6 +47,7 @@ run() {  # SECTOR QUEUES RW
 }
 "#,
     );
+    script += "vm_section cpu-flags grep -m1 '^flags' /proc/cpuinfo\n";
     for ss in [512, 4096] {
         for q in [1, 2] {
             for rw in ["randwrite", "write"] {
@@ -72,6 +73,23 @@ run() {  # SECTOR QUEUES RW
             assert!(s.contains("\"errors\":0"), "{s}");
         }
     }
+    // The daemon runs hardware AES wherever the guest CPU has it (and says which).
+    let flags = out.section("cpu-flags").unwrap();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let expected: &[&str] = if has("avx512f") && has("vaes") {
+        &["vaes512"]
+    } else if has("aes") {
+        &["aes-ni", "vaes256"]
+    } else {
+        &["soft"]
+    };
+    let s = out.section("stat-512-1-write").unwrap();
+    assert!(
+        expected
+            .iter()
+            .any(|b| s.contains(&format!("\"aes_backend\":\"{b}\""))),
+        "expected AES backend {expected:?} for guest flags {flags}: {s}"
+    );
 }
 
 /// The backing never contains the plaintext written: a marker written through ublk-crypt is

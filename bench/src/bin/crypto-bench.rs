@@ -119,8 +119,11 @@ fn main() {
         })
         .unwrap_or_default();
     let ossl = openssl::version::version();
+    let backend = ublk_crypt_crypto::aes_backend();
     if markdown {
-        println!("CPU: {cpu}; {ossl}; one core, 64 KiB buffer, encrypt, GB/s\n");
+        println!(
+            "CPU: {cpu}; ublk-crypt's AES backend: {backend}; {ossl}; one core, 64 KiB buffer, encrypt, GB/s\n"
+        );
         println!("| cipher | ublk-crypt | OpenSSL | ratio | xts-mode crate |");
         println!("|---|---:|---:|---:|---:|");
         for r in &rows {
@@ -134,7 +137,7 @@ fn main() {
             );
         }
     } else {
-        println!("CPU: {cpu}; {ossl}; one core, 64 KiB buffer, encrypt");
+        println!("CPU: {cpu}; ublk-crypt's AES backend: {backend}; {ossl}; one core, 64 KiB buffer, encrypt");
         println!(
             "{:<28} {:>12} {:>12} {:>8} {:>14}",
             "cipher", "ours GB/s", "OpenSSL GB/s", "ratio", "xts-mode GB/s"

@@ -86,12 +86,17 @@ mem() {  # LABEL: VmRSS and VmLck of the daemon, KiB
     echo "$1 $(grep -F VmRSS /proc/$p/status | tr -s ' ' | cut -d' ' -f2) $(grep -F VmLck /proc/$p/status | tr -s ' ' | cut -d' ' -f2)"
 }
 vm_section env sh -c 'uname -r; grep -m1 "model name" /proc/cpuinfo; nproc; fio --version'
+# Which AES each side runs: the kernel's highest-priority xts(aes) driver, the guest CPU's AES
+# flags (the kernel's VAES path also needs VPCLMULQDQ), ublk-crypt's backend (from its status).
+vm_section aes-kernel awk '/^name/ {n=$3} /^driver/ {d=$3} /^priority/ {if (n == "xts(aes)" && $3 > b) {b=$3; bd=d}} END {print bd}' /proc/crypto
+vm_section cpu-flags sh -c 'grep -m1 "^flags" /proc/cpuinfo | tr " " "\n" | grep -xE "aes|pclmulqdq|avx2|avx512f|vaes|vpclmulqdq" | tr "\n" " "'
 "#,
     );
     for (label, open, close) in DEVICES {
         let _ = writeln!(s, "{open}\necho \"device {label}: $dev\"");
         if label == "ublk-crypt" {
             s += "vm_section mem-default-idle mem idle\n";
+            s += "vm_section status-ublk ublk-crypt status b --json\n";
         }
         for job in &JOBS {
             let _ = writeln!(
@@ -215,6 +220,19 @@ fn main() {
     let mut md = String::new();
     let _ = writeln!(md, "# fio side by side (one TCG VM boot)\n");
     let _ = writeln!(md, "Guest: {} · host CPU: {host_cpu} · {qemu} · 2 vCPUs, 1 GiB, virtio disks `cache=none`, `direct=1`, `ioengine=io_uring`, {runtime} s per job.\n", env.lines().next().unwrap_or("?"));
+    // ublk-crypt's AES backend, from its status.
+    let aes_ublk = out
+        .section("status-ublk")
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["aes_backend"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    let _ = writeln!(
+        md,
+        "AES: ublk-crypt `{}`, dm-crypt `{}` · guest CPU AES flags: {}\n",
+        aes_ublk,
+        out.section("aes-kernel").unwrap_or_default().trim(),
+        out.section("cpu-flags").unwrap_or_default().trim()
+    );
     let _ = writeln!(md, "**Under TCG every figure is emulated and slow; only ratios inside one run mean anything.**\n");
     let _ = writeln!(
         md,
@@ -299,7 +317,7 @@ fn main() {
     let dir = workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("latest.md"), &md).unwrap();
-    let report = json!({"env": env, "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
+    let report = json!({"env": env, "aes_ublk": aes_ublk, "aes_kernel": out.section("aes-kernel").unwrap_or_default().trim(), "cpu_flags": out.section("cpu-flags").unwrap_or_default().trim(), "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
     std::fs::write(
         dir.join("latest.json"),
         serde_json::to_string_pretty(&report).unwrap(),
