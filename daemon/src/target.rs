@@ -30,7 +30,9 @@ use crate::executor::{block_on, TagExecutor};
 use crate::hardening::{self, Protections};
 use crate::io::{BackingIo, InlineCrypto, IoDesc, IoPath, RateLimit, RequestData, SectorCrypto};
 use crate::key_source::KeySpec;
-use crate::offload::{worth_offloading, CryptoWorkers};
+use crate::offload::{
+    worth_offloading, CryptoWorkers, PieceBatch, PieceState, BATCH_MIN_IN_FLIGHT, MIN_OFFLOAD_BYTES,
+};
 use crate::recovery;
 use crate::state::{self, DeviceRecord};
 use crate::stats::QueueCounters;
@@ -753,20 +755,33 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     if let Err(e) = warm_queue_ring(depth * usize::from(OPS_PER_TAG)) {
         tracing::warn!("queue {qid}: io_uring warm-up failed: {e}");
     }
+    let batch = PieceBatch::new(depth, usize::from(qid) * depth);
     let exe = TagExecutor::new(q.tags().map(|tag| {
         let crypto = QueueCrypto {
             q: &q,
             cipher: ctx.cipher,
             workers: ctx.workers,
             slot: usize::from(qid) * depth + usize::from(tag),
+            tag,
             in_flight: &in_flight,
+            batch: &batch,
         };
         serve_tag(&q, tag, &io, &backing, crypto)
     }));
+    // A round: poll the woken tasks; then the small pieces they parked are shared out
+    // (`PieceBatch::flush`), which wakes them again, until nothing is parked.
+    let round = || {
+        exe.run_ready();
+        if let Some(workers) = ctx.workers {
+            while batch.flush(workers) {
+                exe.run_ready();
+            }
+        }
+    };
     let r = block_on(libublk::wait_and_handle_io_events(
         &q,
         Some(20),
-        || exe.run_ready(),
+        round,
         || exe.all_done(),
     ));
     if let Err(e) = r {
@@ -958,8 +973,11 @@ struct QueueCrypto<'a> {
     cipher: &'static SectorCipher,
     workers: Option<&'static CryptoWorkers>,
     slot: usize,
+    tag: u16,
     /// Requests of this queue being served right now (the queue thread's tasks share it).
     in_flight: &'a Cell<u16>,
+    /// Small pieces shared with a worker at high queue depth.
+    batch: &'a PieceBatch,
 }
 
 impl SectorCrypto for QueueCrypto<'_> {
@@ -995,6 +1013,11 @@ impl QueueCrypto<'_> {
         sector: u64,
         encrypt: bool,
     ) -> (ublk_crypt_pool::Chunk<'static>, bool) {
+        if let Some(workers) = self.workers {
+            if len < MIN_OFFLOAD_BYTES && self.in_flight.get() >= BATCH_MIN_IN_FLIGHT {
+                return self.batched(workers, chunk, len, sector, encrypt).await;
+            }
+        }
         let Some(workers) = self
             .workers
             .filter(|w| worth_offloading(len, self.in_flight.get(), overlapped, w.worker_idle()))
@@ -1004,6 +1027,12 @@ impl QueueCrypto<'_> {
                 .await;
         };
         workers.submit(self.slot, chunk, len, sector, encrypt);
+        self.wait_worker(workers).await;
+        workers.finish(self.slot)
+    }
+
+    /// Waits, as a poll on the queue's io_uring, for the worker to write this slot's eventfd.
+    async fn wait_worker(&self, workers: &CryptoWorkers) {
         loop {
             let sqe =
                 opcode::PollAdd::new(types::Fd(workers.done_fd(self.slot)), libc::POLLIN as u32)
@@ -1015,6 +1044,29 @@ impl QueueCrypto<'_> {
                 break;
             }
         }
+    }
+
+    /// A small piece at high queue depth: parked until the end of the round, then done by the
+    /// queue thread or in a worker's batch ([`PieceBatch`]).
+    async fn batched(
+        &self,
+        workers: &CryptoWorkers,
+        chunk: ublk_crypt_pool::Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (ublk_crypt_pool::Chunk<'static>, bool) {
+        workers.park(self.slot, chunk, len, sector, encrypt);
+        self.batch.park(self.tag);
+        match self.batch.role(self.tag).await {
+            PieceState::Leader => {
+                self.wait_worker(workers).await;
+                self.batch.release_followers(self.tag);
+            }
+            PieceState::Follower => self.batch.released(self.tag).await,
+            _ => {}
+        }
+        self.batch.reset(self.tag);
         workers.finish(self.slot)
     }
 }

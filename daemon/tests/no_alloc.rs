@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use common::{Completions, MemBacking, MemRequest};
 use ublk_crypt::executor::TagExecutor;
 use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit, SectorCrypto};
-use ublk_crypt::offload::CryptoWorkers;
+use ublk_crypt::offload::{CryptoWorkers, PieceBatch, PieceState};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
 use ublk_crypt_pool::Chunk;
@@ -67,6 +67,12 @@ fn cipher() -> &'static SectorCipher {
 /// Drives TAGS tasks of reads, 256 KiB writes and flushes through `IoPath::handle`, each with
 /// the crypto `make_crypto(tag)` gives, and asserts nothing allocates after warm-up.
 fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
+    drive_with(make_crypto, || false)
+}
+
+/// `drive`, with `end_of_round` run after each executor pass until it returns false (the
+/// queue thread's `PieceBatch::flush`).
+fn drive_with<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C, end_of_round: impl Fn() -> bool) {
     // Fewer chunks than tags: tasks must wait for each other's chunks.
     let pool: &'static ReservePool = Box::leak(Box::new(
         ReservePool::new(PoolConfig {
@@ -124,6 +130,9 @@ fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
     let mut loops = 0;
     while !exe.all_done() {
         exe.run_ready();
+        while end_of_round() {
+            exe.run_ready();
+        }
         completions.reap();
         loops += 1;
         assert!(loops < 10_000_000, "executor made no progress");
@@ -166,22 +175,63 @@ impl SectorCrypto for PolledWorkers {
         sector: u64,
         encrypt: bool,
     ) -> (Chunk<'static>, bool) {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::BorrowedFd;
         self.workers.submit(self.slot, chunk, len, sector, encrypt);
-        let fd = self.workers.done_fd(self.slot);
-        loop {
-            // SAFETY: the eventfd lives as long as the leaked workers.
-            let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
-            let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::ZERO).unwrap() == 1 {
-                let mut counter = [0u8; 8];
-                assert_eq!(nix::unistd::read(bfd, &mut counter).unwrap(), 8);
-                break;
-            }
-            common::YieldNow::default().await;
-        }
+        wait_polled(self.workers, self.slot).await;
         self.workers.finish(self.slot)
+    }
+}
+
+/// Waits for `slot`'s eventfd, polled without blocking (the daemon polls it on its ring).
+async fn wait_polled(workers: &CryptoWorkers, slot: usize) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::BorrowedFd;
+    let fd = workers.done_fd(slot);
+    loop {
+        // SAFETY: the eventfd lives as long as the leaked workers.
+        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::ZERO).unwrap() == 1 {
+            assert!(workers.take_done(slot));
+            break;
+        }
+        common::YieldNow::default().await;
+    }
+}
+
+/// The daemon's small-piece batching (`QueueCrypto::batched`) minus io_uring: every piece under
+/// 32 KiB is parked and shared out at the end of the round, large ones go to a worker alone.
+struct BatchedWorkers {
+    workers: &'static CryptoWorkers,
+    batch: &'static PieceBatch,
+    tag: u16,
+}
+
+impl SectorCrypto for BatchedWorkers {
+    async fn crypt(
+        &self,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        let slot = usize::from(self.tag);
+        if len >= ublk_crypt::offload::MIN_OFFLOAD_BYTES {
+            self.workers.submit(slot, chunk, len, sector, encrypt);
+            wait_polled(self.workers, slot).await;
+            return self.workers.finish(slot);
+        }
+        self.workers.park(slot, chunk, len, sector, encrypt);
+        self.batch.park(self.tag);
+        match self.batch.role(self.tag).await {
+            PieceState::Leader => {
+                wait_polled(self.workers, slot).await;
+                self.batch.release_followers(self.tag);
+            }
+            PieceState::Follower => self.batch.released(self.tag).await,
+            _ => {}
+        }
+        self.batch.reset(self.tag);
+        self.workers.finish(slot)
     }
 }
 
@@ -198,6 +248,25 @@ fn crypto_workers_allocate_nothing_in_steady_state() {
         workers,
         slot: tag as usize,
     });
+}
+
+#[test]
+fn batched_small_pieces_allocate_nothing_in_steady_state() {
+    let c = cipher();
+    let protections = ublk_crypt::hardening::Protections { enabled: false };
+    let workers = CryptoWorkers::start(c, TAGS as usize, 1, protections, || {
+        TRACKED.with(|t| t.set(true))
+    })
+    .unwrap();
+    let batch: &'static PieceBatch = Box::leak(Box::new(PieceBatch::new(TAGS as usize, 0)));
+    drive_with(
+        |tag| BatchedWorkers {
+            workers,
+            batch,
+            tag,
+        },
+        || batch.flush(workers),
+    );
 }
 
 /// The IO path's error messages (kernel_log.rs) are formatted on the stack and written with one

@@ -89,7 +89,7 @@ vm_section env sh -c 'uname -r; grep -m1 "model name" /proc/cpuinfo; nproc; fio 
 # Which AES each side runs: the kernel's highest-priority xts(aes) driver, the guest CPU's AES
 # flags (the kernel's VAES path also needs VPCLMULQDQ), ublk-crypt's backend (from its status).
 vm_section aes-kernel awk '/^name/ {n=$3} /^driver/ {d=$3} /^priority/ {if (n == "xts(aes)" && $3 > b) {b=$3; bd=d}} END {print bd}' /proc/crypto
-vm_section cpu-flags sh -c 'grep -m1 "^flags" /proc/cpuinfo | tr " " "\n" | grep -xE "aes|pclmulqdq|avx2|avx512f|vaes|vpclmulqdq" | tr "\n" " "'
+vm_section cpu-flags sh -c 'grep -m1 "^flags" /proc/cpuinfo | tr " " "\n" | grep -xE "aes|pclmulqdq|avx2|avx512f|vaes|vpclmulqdq" | tr "\n" " "; echo'
 "#,
     );
     for (label, open, close) in DEVICES {
