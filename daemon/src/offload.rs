@@ -17,6 +17,10 @@
 //! moment swap-out has used up memory. A poll waits in the request itself. Chunks cross threads by
 //! move (they are `Send`), so no memory is shared unsafely.
 //!
+//! Small pieces (a 4 KiB request) are not worth a hand-off each, but at high queue depth they
+//! keep one queue thread busy while the other CPUs idle: [`PieceBatch`] shares them out a
+//! batch at a time, half to a worker in one job chained through the slots (`Job::next`).
+//!
 //! Workers run with the IO-thread protections (PR_SET_IO_FLUSHER, pre-faulted small stacks,
 //! covered by mlockall), and hold no chunk of their own: the forward-progress rule of the pool
 //! is untouched (each IO still holds one chunk, which is either with it or being worked on).
