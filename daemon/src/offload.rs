@@ -276,7 +276,7 @@ pub const BATCH_MIN_IN_FLIGHT: u16 = 8;
 
 /// Where a parked piece stands ([`PieceBatch`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PieceState {
+enum PieceState {
     /// Not parked.
     Idle,
     /// Waiting for the end of the round.
@@ -308,6 +308,8 @@ pub struct PieceBatch {
     wakers: Box<[RefCell<Option<Waker>>]>,
     /// Slot of tag 0 of this queue in [`CryptoWorkers`].
     slot_base: usize,
+    /// Pieces given to workers so far.
+    shared: Cell<u64>,
 }
 
 impl PieceBatch {
@@ -318,22 +320,57 @@ impl PieceBatch {
             next: (0..depth).map(|_| Cell::new(None)).collect(),
             wakers: (0..depth).map(|_| RefCell::new(None)).collect(),
             slot_base,
+            shared: Cell::new(0),
         }
     }
 
+    /// How many pieces went to workers in batches so far.
+    pub fn shared_pieces(&self) -> u64 {
+        self.shared.get()
+    }
+
+    /// A small piece's whole trip: parked in `tag`'s slot, then done by the queue thread at the
+    /// end of the round or in a worker's batch. `wait_worker` waits for the slot's eventfd (the
+    /// daemon polls it on the queue's io_uring); only a batch's leader calls it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn crypt<W: std::future::Future<Output = ()>>(
+        &self,
+        workers: &CryptoWorkers,
+        tag: u16,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+        wait_worker: impl FnOnce() -> W,
+    ) -> (Chunk<'static>, bool) {
+        let slot = self.slot_base + usize::from(tag);
+        workers.park(slot, chunk, len, sector, encrypt);
+        self.park(tag);
+        match self.role(tag).await {
+            PieceState::Leader => {
+                wait_worker().await;
+                self.release_followers(tag);
+            }
+            PieceState::Follower => self.released(tag).await,
+            _ => {}
+        }
+        self.reset(tag);
+        workers.finish(slot)
+    }
+
     /// Parks `tag`'s piece, already put in its slot with [`CryptoWorkers::park`].
-    pub fn park(&self, tag: u16) {
+    fn park(&self, tag: u16) {
         self.state[usize::from(tag)].set(PieceState::Parked);
         self.parked.borrow_mut().push(tag);
     }
 
     /// Waits until the end of the round decides; then the role: `Done`, `Leader` or `Follower`.
-    pub async fn role(&self, tag: u16) -> PieceState {
+    async fn role(&self, tag: u16) -> PieceState {
         self.wait_while(tag, PieceState::Parked).await
     }
 
     /// A follower waits for its leader's release.
-    pub async fn released(&self, tag: u16) {
+    async fn released(&self, tag: u16) {
         self.wait_while(tag, PieceState::Follower).await;
     }
 
@@ -355,7 +392,7 @@ impl PieceBatch {
     }
 
     /// The leader, its batch done: marks the followers done and wakes them.
-    pub fn release_followers(&self, leader: u16) {
+    fn release_followers(&self, leader: u16) {
         let mut next = self.next[usize::from(leader)].take();
         while let Some(tag) = next {
             next = self.next[usize::from(tag)].take();
@@ -364,7 +401,7 @@ impl PieceBatch {
     }
 
     /// Back to idle, once the piece's chunk has been collected.
-    pub fn reset(&self, tag: u16) {
+    fn reset(&self, tag: u16) {
         self.state[usize::from(tag)].set(PieceState::Idle);
     }
 
@@ -396,6 +433,7 @@ impl PieceBatch {
                 self.state[usize::from(pair[1])].set(PieceState::Follower);
             }
             workers.submit_batch(there.iter().map(|&t| self.slot_base + usize::from(t)));
+            self.shared.set(self.shared.get() + there.len() as u64);
             self.set(leader, PieceState::Leader);
         }
         for &tag in here {
@@ -505,6 +543,7 @@ mod tests {
         let want = park_pieces(6, cipher, workers, pool, &batch);
         assert!(batch.flush(workers));
         assert!(!batch.flush(workers), "nothing parked any more");
+        assert_eq!(batch.shared_pieces(), 3);
         let states: Vec<_> = (0..6).map(|t| batch.state[t].get()).collect();
         use PieceState::*;
         assert_eq!(states, [Done, Done, Done, Leader, Follower, Follower]);

@@ -31,7 +31,7 @@ use crate::hardening::{self, Protections};
 use crate::io::{BackingIo, InlineCrypto, IoDesc, IoPath, RateLimit, RequestData, SectorCrypto};
 use crate::key_source::KeySpec;
 use crate::offload::{
-    worth_offloading, CryptoWorkers, PieceBatch, PieceState, BATCH_MIN_IN_FLIGHT, MIN_OFFLOAD_BYTES,
+    worth_offloading, CryptoWorkers, PieceBatch, BATCH_MIN_IN_FLIGHT, MIN_OFFLOAD_BYTES,
 };
 use crate::recovery;
 use crate::state::{self, DeviceRecord};
@@ -1056,17 +1056,10 @@ impl QueueCrypto<'_> {
         sector: u64,
         encrypt: bool,
     ) -> (ublk_crypt_pool::Chunk<'static>, bool) {
-        workers.park(self.slot, chunk, len, sector, encrypt);
-        self.batch.park(self.tag);
-        match self.batch.role(self.tag).await {
-            PieceState::Leader => {
-                self.wait_worker(workers).await;
-                self.batch.release_followers(self.tag);
-            }
-            PieceState::Follower => self.batch.released(self.tag).await,
-            _ => {}
-        }
-        self.batch.reset(self.tag);
-        workers.finish(self.slot)
+        self.batch
+            .crypt(workers, self.tag, chunk, len, sector, encrypt, || {
+                self.wait_worker(workers)
+            })
+            .await
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use common::{Completions, MemBacking, MemRequest};
 use ublk_crypt::executor::TagExecutor;
 use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit, SectorCrypto};
-use ublk_crypt::offload::{CryptoWorkers, PieceBatch, PieceState};
+use ublk_crypt::offload::{CryptoWorkers, PieceBatch};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
 use ublk_crypt_pool::Chunk;
@@ -198,7 +198,8 @@ async fn wait_polled(workers: &CryptoWorkers, slot: usize) {
     }
 }
 
-/// The daemon's small-piece batching (`QueueCrypto::batched`) minus io_uring: every piece under
+/// The daemon's small-piece batching (`PieceBatch::crypt`, as `QueueCrypto::batched` uses it)
+/// minus io_uring: every piece under
 /// 32 KiB is parked and shared out at the end of the round, large ones go to a worker alone.
 struct BatchedWorkers {
     workers: &'static CryptoWorkers,
@@ -220,30 +221,27 @@ impl SectorCrypto for BatchedWorkers {
             wait_polled(self.workers, slot).await;
             return self.workers.finish(slot);
         }
-        self.workers.park(slot, chunk, len, sector, encrypt);
-        self.batch.park(self.tag);
-        match self.batch.role(self.tag).await {
-            PieceState::Leader => {
-                wait_polled(self.workers, slot).await;
-                self.batch.release_followers(self.tag);
-            }
-            PieceState::Follower => self.batch.released(self.tag).await,
-            _ => {}
-        }
-        self.batch.reset(self.tag);
-        self.workers.finish(slot)
+        self.batch
+            .crypt(self.workers, self.tag, chunk, len, sector, encrypt, || {
+                wait_polled(self.workers, slot)
+            })
+            .await
     }
+}
+
+/// `threads` crypto workers, one slot per tag. Worker threads are counted too: they mark
+/// themselves tracked when they start.
+fn tracked_workers(threads: usize) -> &'static CryptoWorkers {
+    let protections = ublk_crypt::hardening::Protections { enabled: false };
+    CryptoWorkers::start(cipher(), TAGS as usize, threads, protections, || {
+        TRACKED.with(|t| t.set(true))
+    })
+    .unwrap()
 }
 
 #[test]
 fn crypto_workers_allocate_nothing_in_steady_state() {
-    let c = cipher();
-    let protections = ublk_crypt::hardening::Protections { enabled: false };
-    // Worker threads are counted too: they mark themselves tracked when they start.
-    let workers = CryptoWorkers::start(c, TAGS as usize, 2, protections, || {
-        TRACKED.with(|t| t.set(true))
-    })
-    .unwrap();
+    let workers = tracked_workers(2);
     drive(|tag| PolledWorkers {
         workers,
         slot: tag as usize,
@@ -252,12 +250,7 @@ fn crypto_workers_allocate_nothing_in_steady_state() {
 
 #[test]
 fn batched_small_pieces_allocate_nothing_in_steady_state() {
-    let c = cipher();
-    let protections = ublk_crypt::hardening::Protections { enabled: false };
-    let workers = CryptoWorkers::start(c, TAGS as usize, 1, protections, || {
-        TRACKED.with(|t| t.set(true))
-    })
-    .unwrap();
+    let workers = tracked_workers(1);
     let batch: &'static PieceBatch = Box::leak(Box::new(PieceBatch::new(TAGS as usize, 0)));
     drive_with(
         |tag| BatchedWorkers {
@@ -266,6 +259,10 @@ fn batched_small_pieces_allocate_nothing_in_steady_state() {
             tag,
         },
         || batch.flush(workers),
+    );
+    assert!(
+        batch.shared_pieces() > 0,
+        "some small pieces really went to the worker"
     );
 }
 
