@@ -27,7 +27,7 @@ fn swap_vm() -> VmBuilder {
 }
 
 /// fio verify=crc32c, random and sequential, 4 KiB–1 MiB, queue depth 32, on 512- and
-/// 4096-byte sectors with one and two queues.
+/// 4096-byte sectors with one and two queues, and once without crypto workers.
 #[test]
 fn fio_verify_round_trips() {
     if !vm_or_skip("fio_verify_round_trips") {
@@ -35,9 +35,11 @@ fn fio_verify_round_trips() {
     }
     let mut script = String::from(
         r#"
-run() {  # SECTOR QUEUES RW
-    dev=$(ublk-crypt open /dev/vda --key-file /root/key --sector-size $1 --queues $2 --name f)
-    fio --name=v --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=$3 \
+run() {  # SECTOR QUEUES RW [SUFFIX OPEN-FLAGS...]
+    s=$1 q=$2 rw=$3 suffix=$4; shift 3; [ $# -gt 0 ] && shift
+    dev=$(ublk-crypt open /dev/vda --key-file /root/key --sector-size $s --queues $q --name f "$@")
+    set -- $s $q $rw$suffix
+    fio --name=v --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=$rw \
         --bsrange=4k-1m --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 \
         --randrepeat=0 --output-format=terse --terse-version=3 > /tmp/fio.out
     cut -d';' -f3,5 /tmp/fio.out
@@ -55,6 +57,8 @@ run() {  # SECTOR QUEUES RW
             }
         }
     }
+    // No crypto workers: every piece, large or small, on the queue thread.
+    script += "run 512 1 randwrite -noworkers --crypto-threads 0\n";
     let out = vm()
         .cpus(2)
         .memory_mib(512)
@@ -63,7 +67,10 @@ run() {  # SECTOR QUEUES RW
         .timeout(Duration::from_secs(900))
         .run(&script)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.console.matches("fio ok:").count(), 8);
+    assert_eq!(out.console.matches("fio ok:").count(), 9);
+    let s = out.section("stat-512-1-randwrite-noworkers").unwrap();
+    assert!(s.contains("\"crypto_threads\":0"), "{s}");
+    assert!(s.contains("\"errors\":0"), "{s}");
     for ss in [512, 4096] {
         for q in [1usize, 2] {
             let s = out.section(&format!("stat-{ss}-{q}-randwrite")).unwrap();
