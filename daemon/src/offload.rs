@@ -209,8 +209,8 @@ impl CryptoWorkers {
         });
     }
 
-    /// Hands parked jobs to one worker as one batch, done in order; `slots[0]`'s eventfd is
-    /// written when all are done (the others' are not touched).
+    /// Hands parked jobs to one worker as one batch, done in order; the first slot's eventfd
+    /// is written when all are done (the others' are not touched).
     pub fn submit_batch(&self, slots: impl IntoIterator<Item = usize>) {
         let mut slots = slots.into_iter();
         let Some(first) = slots.next() else {
@@ -568,7 +568,7 @@ mod tests {
         }
     }
 
-    /// With no idle worker (or one piece alone) everything runs on the calling thread at once.
+    /// With no idle worker everything runs on the calling thread at once.
     #[test]
     fn without_an_idle_worker_the_round_runs_inline() {
         let (cipher, workers, pool) = setup(0);

@@ -199,8 +199,8 @@ async fn wait_polled(workers: &CryptoWorkers, slot: usize) {
 }
 
 /// The daemon's small-piece batching (`PieceBatch::crypt`, as `QueueCrypto::batched` uses it)
-/// minus io_uring: every piece under
-/// 32 KiB is parked and shared out at the end of the round, large ones go to a worker alone.
+/// minus io_uring: every piece under 32 KiB is parked and shared out at the end of the round,
+/// larger ones go to a worker alone.
 struct BatchedWorkers {
     workers: &'static CryptoWorkers,
     batch: &'static PieceBatch,
@@ -217,9 +217,11 @@ impl SectorCrypto for BatchedWorkers {
     ) -> (Chunk<'static>, bool) {
         let slot = usize::from(self.tag);
         if len >= ublk_crypt::offload::MIN_OFFLOAD_BYTES {
-            self.workers.submit(slot, chunk, len, sector, encrypt);
-            wait_polled(self.workers, slot).await;
-            return self.workers.finish(slot);
+            let alone = PolledWorkers {
+                workers: self.workers,
+                slot,
+            };
+            return alone.crypt(chunk, len, sector, encrypt).await;
         }
         self.batch
             .crypt(self.workers, self.tag, chunk, len, sector, encrypt, || {

@@ -226,12 +226,19 @@ fn main() {
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
         .and_then(|v| v["aes_backend"].as_str().map(str::to_string))
         .unwrap_or_else(|| "?".into());
+    let aes_kernel = out
+        .section("aes-kernel")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpu_flags = out
+        .section("cpu-flags")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let _ = writeln!(
         md,
-        "AES: ublk-crypt `{}`, dm-crypt `{}` · guest CPU AES flags: {}\n",
-        aes_ublk,
-        out.section("aes-kernel").unwrap_or_default().trim(),
-        out.section("cpu-flags").unwrap_or_default().trim()
+        "AES: ublk-crypt `{aes_ublk}`, dm-crypt `{aes_kernel}` · guest CPU AES flags: {cpu_flags}\n"
     );
     let _ = writeln!(md, "**Under TCG every figure is emulated and slow; only ratios inside one run mean anything.**\n");
     let _ = writeln!(
@@ -317,7 +324,7 @@ fn main() {
     let dir = workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("latest.md"), &md).unwrap();
-    let report = json!({"env": env, "aes_ublk": aes_ublk, "aes_kernel": out.section("aes-kernel").unwrap_or_default().trim(), "cpu_flags": out.section("cpu-flags").unwrap_or_default().trim(), "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
+    let report = json!({"env": env, "aes_ublk": aes_ublk, "aes_kernel": aes_kernel, "cpu_flags": cpu_flags, "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
     std::fs::write(
         dir.join("latest.json"),
         serde_json::to_string_pretty(&report).unwrap(),
