@@ -41,6 +41,9 @@ pub struct DeviceRecord {
     /// Crypto worker threads (0: encrypt on the queue threads only).
     #[serde(default)]
     pub crypto_threads: usize,
+    /// `--pin-queues`: queue threads stay on their queue's CPUs (libublk's affinity).
+    #[serde(default)]
+    pub pin_queues: bool,
     /// Whether the OOM protections are on (off only in tests).
     pub protections: bool,
     /// Pid of the serving daemon.
@@ -200,6 +203,7 @@ mod tests {
             pool_mib: 16,
             max_io_kib: 512,
             crypto_threads: 2,
+            pin_queues: false,
             protections: true,
             pid: 1,
         };

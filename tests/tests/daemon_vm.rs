@@ -35,6 +35,13 @@ fn fio_verify_round_trips() {
     }
     let mut script = String::from(
         r#"
+queue_cpus() {  # each queue thread's name and the CPUs it may run on
+    for t in /proc/$(pidof ublk-crypt)/task/*; do
+        case $(cat $t/comm) in
+        ublk-crypt-q*) echo "$(cat $t/comm) $(grep Cpus_allowed_list $t/status | cut -f2)" ;;
+        esac
+    done
+}
 run() {  # SECTOR QUEUES RW [SUFFIX OPEN-FLAGS...]
     s=$1 q=$2 rw=$3 suffix=$4; shift 3; [ $# -gt 0 ] && shift
     dev=$(ublk-crypt open /dev/vda --key-file /root/key --sector-size $s --queues $q --name f "$@")
@@ -44,6 +51,7 @@ run() {  # SECTOR QUEUES RW [SUFFIX OPEN-FLAGS...]
         --randrepeat=0 --output-format=terse --terse-version=3 > /tmp/fio.out
     cut -d';' -f3,5 /tmp/fio.out
     vm_section "stat-$1-$2-$3" ublk-crypt status f --json
+    vm_section "cpus-$1-$2-$3" queue_cpus
     ublk-crypt close f
     echo "fio ok: sector $1 queues $2 $3"
 }
@@ -59,6 +67,10 @@ run() {  # SECTOR QUEUES RW [SUFFIX OPEN-FLAGS...]
     }
     // No crypto workers: every piece, large or small, on the queue thread.
     script += "run 512 1 randwrite -noworkers --crypto-threads 0\n";
+    // --pin-queues keeps libublk's pinning: each queue on the one CPU the kernel maps to it.
+    script += "ublk-crypt open /dev/vda --key-file /root/key --queues 2 --pin-queues --name f >/dev/null\n\
+               vm_section cpus-pinned queue_cpus\n\
+               ublk-crypt close f\n";
     let out = vm()
         .cpus(2)
         .memory_mib(512)
@@ -80,6 +92,19 @@ run() {  # SECTOR QUEUES RW [SUFFIX OPEN-FLAGS...]
             assert!(s.contains("\"errors\":0"), "{s}");
         }
     }
+    // Queue threads run on every CPU (the guest has two) unless pinned; pinned, each has one.
+    for ss in [512, 4096] {
+        let s = out.section(&format!("cpus-{ss}-2-randwrite")).unwrap();
+        assert_eq!(s.lines().count(), 2, "{s}");
+        assert!(s.lines().all(|l| l.trim_end().ends_with(" 0-1")), "{s}");
+    }
+    let s = out.section("cpus-pinned").unwrap();
+    assert_eq!(s.lines().count(), 2, "{s}");
+    assert!(
+        s.lines()
+            .all(|l| l.trim_end().ends_with(" 0") || l.trim_end().ends_with(" 1")),
+        "{s}"
+    );
     // The daemon runs hardware AES wherever the guest CPU has it (and says which).
     let flags = out.section("cpu-flags").unwrap();
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
