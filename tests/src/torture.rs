@@ -230,6 +230,9 @@ pub struct Torture {
     /// Crash phase: MiB the kill-and-recover helper holds locked and frees at the kill, so the
     /// recovering daemon finds memory (0: none; see kill-and-recover.rs).
     pub recover_reserve_mib: usize,
+    /// More `ublk-crypt open` flags for the ublk backends (e.g. `--queues 2 --pin-queues`);
+    /// split on spaces, no quoting.
+    pub open_args: String,
 }
 
 /// Bytes of the raw area behind the swap area, where the positive control's stamps go.
@@ -251,6 +254,7 @@ impl Torture {
             name: None,
             ramfs_run_dir: false,
             recover_reserve_mib: 0,
+            open_args: String::new(),
         }
     }
 
@@ -291,11 +295,14 @@ vm-watchdog {sysrq} --heartbeat $T/hb 30 180 &
         );
         match self.backend {
             Backend::UblkCrypt | Backend::UblkCryptUnprotected => {
-                let extra = if self.backend == Backend::UblkCryptUnprotected {
-                    " --test-disable-protections"
-                } else {
-                    ""
-                };
+                let mut extra = String::new();
+                if self.backend == Backend::UblkCryptUnprotected {
+                    extra += " --test-disable-protections";
+                }
+                for a in self.open_args.split_whitespace() {
+                    extra += " ";
+                    extra += a;
+                }
                 if self.ramfs_run_dir {
                     s += "for d in /run/ublk-crypt /run/ublksrvd; do mkdir -p $d && mount -t ramfs -o mode=0700 ramfs $d; done\n";
                 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N]
-//!         [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N]
+//!         [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args "FLAGS"]
 //! ```
 //!
 //! Exit status 1 when a run on ublk-crypt or dm-crypt failed the torture's verdict; the
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     let mut cpus = 2;
     let mut ramfs = false;
     let mut reserve = 0;
+    let mut open_args = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
             "--ramfs-run-dir" => ramfs = true,
             "--reserve-mib" => reserve = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            "--open-args" => open_args = args.next().unwrap_or_default(),
             "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--backends" => {
                 let v = args.next().unwrap_or_default();
@@ -47,7 +49,7 @@ fn main() -> ExitCode {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N]"
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"]"
                 );
                 return ExitCode::from(2);
             }
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
             t.cpus = cpus;
             t.ramfs_run_dir = ramfs;
             t.recover_reserve_mib = reserve;
+            t.open_args = open_args.clone();
             let label = format!("{}#{round}", b.name());
             t.name = Some(format!("torture-{}-{round}", b.name()));
             eprintln!("torture: running {label} ({profile:?} profile, {cpus} vCPUs)");
