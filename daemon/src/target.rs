@@ -537,11 +537,12 @@ fn serve_inner(
         move |c: &UblkCtrl| {
             c.disown(); // from now on only an explicit stop deletes the device, never a Drop
             became_ready.store(true, std::sync::atomic::Ordering::Release);
-            if let Some(mut r) = readiness.lock().unwrap().take() {
-                r.ready(&path);
-            }
+            // Before READY=1 and `open` returning: whoever sees the device sees final affinities.
             if !pin_queues {
                 unpin_queue_threads(ctx);
+            }
+            if let Some(mut r) = readiness.lock().unwrap().take() {
+                r.ready(&path);
             }
             tracing::info!("serving {path} (AES: {})", ublk_crypt_crypto::aes_backend());
             // What recovery reads must not be in the swap it recovers (state::keep_in_memory).
@@ -726,7 +727,6 @@ fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
     })
 }
 
-/// One queue thread: protections, then one task per tag on the allocation-free executor.
 /// Lets every queue thread run on any CPU this daemon may use (its own affinity, which systemd's
 /// `CPUAffinity=` or `taskset` may have narrowed), undoing libublk's pinning of each queue to the
 /// CPUs the kernel maps to it. Called once the device is live, when libublk has set that
@@ -760,6 +760,7 @@ fn unpin_queue_threads(ctx: &DeviceContext) {
     }
 }
 
+/// One queue thread: protections, then one task per tag on the allocation-free executor.
 fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     ctx.queue_tids[usize::from(qid)].store(nix::unistd::gettid().as_raw(), Ordering::Release);
     // libublk's threads are unnamed; name it like the other threads, for `top -H` and the tests.
