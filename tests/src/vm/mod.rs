@@ -34,6 +34,7 @@
 pub mod cpio;
 mod env;
 pub mod kmod;
+pub mod rootfs;
 mod sysroot;
 
 pub use env::{cache_dir, in_ci, vm_or_skip, VmEnv, KERNEL_META_PACKAGE};
@@ -55,6 +56,9 @@ const TAIL_LINES: usize = 200;
 /// After the exit marker (or a panic), how long qemu gets to exit on its own before it is
 /// killed. `poweroff -f` normally ends it within a second.
 const EXIT_GRACE: Duration = Duration::from_secs(15);
+/// The same for a [`VmBuilder::switch_root`] guest, which runs `systemctl poweroff`: every
+/// unit stops, swap included, under TCG.
+const SYSTEMD_EXIT_GRACE: Duration = Duration::from_secs(90);
 
 /// Kernel command line. Why each piece:
 /// * `console=ttyS0`: the serial port is the console qemu gives us on stdio.
@@ -94,6 +98,7 @@ impl Vm {
             keep: false,
             echo: true,
             debuginfo: false,
+            root_disk: None,
         }
     }
 }
@@ -123,6 +128,7 @@ pub struct VmBuilder {
     keep: bool,
     echo: bool,
     debuginfo: bool,
+    root_disk: Option<usize>,
 }
 
 impl VmBuilder {
@@ -240,6 +246,21 @@ impl VmBuilder {
         self
     }
 
+    /// Boots the ext4 root filesystem on disk `disk` (an index into the disks added, e.g. a
+    /// copy of [`rootfs::debian_root_image`]) with its own init, systemd, instead of running
+    /// the script from the initramfs. The initramfs then only loads `virtio_blk`, mounts that
+    /// disk, copies the run's files onto it (binaries to `/vm/bin`, [`file`](Self::file)s to
+    /// their paths, the script to `/vm/script.sh`) and `switch_root`s into it. The script runs
+    /// as the oneshot `vm-test.service` once `multi-user.target` is reached (`/bin/sh`, `set
+    /// -e`, the [`GUEST_LIB`] helpers, stdout on the console), and `systemctl poweroff` follows
+    /// it: a clean shutdown, which the host waits for (up to 90 s after the exit marker).
+    /// [`host_tool`](Self::host_tool) is not available (the root has its own `/usr`), nor are
+    /// extra modules at boot (the root's `modprobe` loads them).
+    pub fn switch_root(mut self, disk: usize) -> Self {
+        self.root_disk = Some(disk);
+        self
+    }
+
     /// Do not echo the console to the test's stdout (it is still kept and logged).
     pub fn quiet(mut self) -> Self {
         self.echo = false;
@@ -304,7 +325,25 @@ impl VmBuilder {
         let setup = |e: String| VmError::Setup(e);
 
         // Modules.
-        let modules = kmod::resolve(env, &self.modules).map_err(setup)?;
+        let wanted = match self.root_disk {
+            Some(_) => vec!["virtio_blk".to_string()],
+            None => self.modules.clone(),
+        };
+        let modules = kmod::resolve(env, &wanted).map_err(setup)?;
+        if let Some(i) = self.root_disk {
+            if i >= self.disks.len() || !self.host_tools.is_empty() {
+                return Err(setup(format!(
+                    "switch_root({i}): needs that disk ({} added) and no host tools",
+                    self.disks.len()
+                )));
+            }
+        }
+        // With a root disk, everything for the guest is copied onto it from /vm/overlay.
+        let overlay = if self.root_disk.is_some() {
+            "/vm/overlay"
+        } else {
+            ""
+        };
 
         // What goes where.
         let mut usr: Vec<UsrFile> = vec![];
@@ -353,8 +392,12 @@ impl VmBuilder {
                 }
                 _ => bin.clone(),
             };
-            ar.file(&format!("/vm/bin/{name}"), Source::Host(src), 0o755)
-                .map_err(setup)?;
+            ar.file(
+                &format!("{overlay}/vm/bin/{name}"),
+                Source::Host(src),
+                0o755,
+            )
+            .map_err(setup)?;
         }
         for (guest, source, mode) in &self.files {
             const HIDDEN: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp", "/vm"];
@@ -363,7 +406,10 @@ impl VmBuilder {
                     "guest file {guest}: that path is hidden by a mount or reserved by the harness"
                 )));
             }
-            if guest.starts_with("/usr/") {
+            if self.root_disk.is_some() {
+                ar.file(&format!("{overlay}{guest}"), source.clone(), *mode)
+                    .map_err(setup)?;
+            } else if guest.starts_with("/usr/") {
                 usr.push(UsrFile {
                     guest: guest.clone(),
                     source: source.clone(),
@@ -380,8 +426,30 @@ impl VmBuilder {
         };
 
         // The initramfs proper.
-        let init = init_script(&modules, usr_image.is_some());
+        let init = match self.root_disk {
+            Some(i) => switch_root_init(&modules, i),
+            None => init_script(&modules, usr_image.is_some()),
+        };
         let full_script = format!(". /vm/lib.sh\nset -e\n{script}\n");
+        if self.root_disk.is_some() {
+            (|| -> Result<(), String> {
+                ar.file(
+                    "/vm/overlay/vm/run.sh",
+                    Source::Bytes(SYSTEMD_RUNNER.as_bytes().to_vec()),
+                    0o755,
+                )?;
+                ar.file(
+                    "/vm/overlay/etc/systemd/system/vm-test.service",
+                    Source::Bytes(SYSTEMD_TEST_UNIT.as_bytes().to_vec()),
+                    0o644,
+                )?;
+                ar.symlink(
+                    "/vm/overlay/etc/systemd/system/multi-user.target.wants/vm-test.service",
+                    "../vm-test.service",
+                )
+            })()
+            .map_err(setup)?;
+        }
         (|| -> Result<(), String> {
             ar.add(
                 "/dev/console",
@@ -394,12 +462,12 @@ impl VmBuilder {
             ar.file("/bin/busybox", Source::Host(env.busybox.clone()), 0o755)?;
             ar.file("/init", Source::Bytes(init.into_bytes()), 0o755)?;
             ar.file(
-                "/vm/lib.sh",
+                &format!("{overlay}/vm/lib.sh"),
                 Source::Bytes(GUEST_LIB.as_bytes().to_vec()),
                 0o644,
             )?;
             ar.file(
-                "/vm/script.sh",
+                &format!("{overlay}/vm/script.sh"),
                 Source::Bytes(full_script.into_bytes()),
                 0o755,
             )?;
@@ -532,6 +600,77 @@ sleep 60
         modules = names.join(" "),
     )
 }
+
+/// `/init` for [`VmBuilder::switch_root`]: load `virtio_blk`, mount the root disk, copy the
+/// run's files onto it, hand PID 1 to its systemd.
+fn switch_root_init(modules: &[kmod::Module], disk: usize) -> String {
+    let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+    format!(
+        r#"#!/bin/busybox sh
+# PID 1 until systemd takes over; generated by tests/src/vm/mod.rs (switch_root).
+/bin/busybox --install -s /bin
+export PATH=/bin
+vm_init_fail() {{ echo "@@VM-INIT-FAIL $*@@"; sync; poweroff -f; sleep 60; }}
+mount -t proc proc /proc || vm_init_fail "mount /proc"
+mount -t sysfs sysfs /sys || vm_init_fail "mount /sys"
+mount -t devtmpfs devtmpfs /dev || vm_init_fail "mount /dev"
+for m in {modules}; do
+    insmod /vm/modules/$m.ko || vm_init_fail "insmod $m"
+done
+rootdev=
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    for b in /sys/block/vd*; do
+        [ "$(cat "$b/serial" 2>/dev/null)" = vm-disk{disk} ] && rootdev=/dev/${{b##*/}}
+    done
+    [ -n "$rootdev" ] && [ -b "$rootdev" ] && break
+    sleep 0.5
+done
+[ -n "$rootdev" ] || vm_init_fail "no disk with serial vm-disk{disk}"
+mkdir -p /newroot
+mount -t ext4 "$rootdev" /newroot || vm_init_fail "mount / from $rootdev"
+# A later boot of the same disk finds the previous run's files; the harness's own link included.
+rm -f /newroot/etc/systemd/system/multi-user.target.wants/vm-test.service
+cp -a /vm/overlay/. /newroot/ || vm_init_fail "copying the run's files onto the root"
+umount /proc /sys /dev
+exec switch_root /newroot /sbin/init
+"#,
+        modules = names.join(" "),
+    )
+}
+
+/// `/vm/run.sh` on a [`VmBuilder::switch_root`] guest: the test script between the markers,
+/// the journal's tail on failure, then a clean poweroff.
+const SYSTEMD_RUNNER: &str = r#"#!/bin/sh
+echo "@@VM-READY $(cut -d' ' -f1 /proc/uptime)@@"
+code=0
+sh /vm/script.sh || code=$?
+if [ "$code" != 0 ]; then
+    echo "== vm: the script failed ($code); the journal's last lines:"
+    journalctl -b --no-pager -o short-monotonic | tail -n 150
+fi
+sync
+echo "@@VM-EXIT $code@@"
+systemctl --no-block --job-mode=replace-irreversibly start poweroff.target
+"#;
+
+/// `vm-test.service`: runs [`SYSTEMD_RUNNER`] once the system is up, on the serial console.
+const SYSTEMD_TEST_UNIT: &str = "[Unit]
+Description=ublk-crypt VM test script
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/vm/run.sh
+Environment=PATH=/vm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+WorkingDirectory=/root
+StandardInput=null
+StandardOutput=tty
+StandardError=inherit
+TTYPath=/dev/ttyS0
+TTYReset=no
+TTYVHangup=no
+TimeoutStartSec=infinity
+";
 
 /// Everything prepared for one boot.
 struct Prepared {
@@ -761,7 +900,12 @@ fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmError> {
                     }
                 }
                 if end_by.is_none() && (seen.exit.is_some() || seen.panic.is_some()) {
-                    end_by = Some(Instant::now() + EXIT_GRACE);
+                    // A systemd guest shuts down cleanly after the marker; give it the time.
+                    let grace = match (b.root_disk, &seen.panic) {
+                        (Some(_), None) => SYSTEMD_EXIT_GRACE,
+                        _ => EXIT_GRACE,
+                    };
+                    end_by = Some(Instant::now() + grace);
                 }
             }
             Ok(Msg::Err(line)) => {
