@@ -1,16 +1,19 @@
-//! ublk-crypt as an admin runs it: a Debian 12 guest booted with systemd as PID 1, encrypted
-//! swap installed by `systemd/install-swap` (the steps the READMEs show), then rebooted.
+//! ublk-crypt as an admin runs it: a Debian 12 guest booted with systemd as PID 1, the Debian
+//! package installed and encrypted swap configured by the README's quick start (its lines are
+//! read from README.md), then rebooted.
 //!
 //! Three boots of one root image (a copy of [`rootfs::debian_root_image`]), each with its own
 //! guest script from `tests/tests/systemd_boot/`, run by `vm-test.service` after
 //! `multi-user.target`, each ending in a clean `systemctl poweroff`:
-//! 1. `install.sh`: the install (swap on at once); (e) a persistent-key config is refused by the
-//!    swap unit; pages in swap at poweroff.
+//! 1. `install.sh`: the quick start (`dpkg -i`, one ublk-crypttab line, `systemctl start
+//!    swap.target`: swap on at once, the generator's units); a ublk-crypttab line the generator
+//!    must refuse (journal line, no units); (e) a persistent-key config is refused by the swap
+//!    unit; pages in swap at poweroff.
 //! 2. `checks.sh`: (a) swap at boot before `swap.target`, both units active, `status` works;
 //!    (c) the previous shutdown from the journal: swap off before the daemon stopped, no stop
 //!    timeout; (b) `kill -9` of the daemon under a hog in a memory cgroup: restarted,
 //!    re-attached, 0 bad pages, the swap unit never left active; (f) no key material in the
-//!    journal. Then the config of (d).
+//!    journal. Then the config of (d), through `systemd/install-swap` (the from-source route).
 //! 3. `late-backing.sh`: (d) the daemon fails at boot (backing missing) and keeps being
 //!    restarted; once the backing exists, swap comes up without a manual step.
 //!
@@ -24,6 +27,34 @@ use ublk_crypt_tests::vm::{rootfs, vm_or_skip, Vm, VmEnv, VmOutput};
 use ublk_crypt_tests::{release_binary, target_dir, workspace_root};
 
 const LIB: &str = include_str!("systemd_boot/lib.sh");
+
+/// The README's quick start: the lines of the code block after the `quick-start` marker.
+fn quick_start() -> String {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let after = readme
+        .split_once("<!-- quick-start:")
+        .expect("README.md has the quick-start marker")
+        .1;
+    let block = after.split_once("```\n").expect("a code block").1;
+    let body = block.split_once("```").expect("the block ends").0;
+    assert!(
+        body.contains("dpkg -i") && body.contains("/etc/ublk-crypttab"),
+        "{body}"
+    );
+    body.to_string()
+}
+
+/// The package `scripts/build-deb` made (scripts/test runs it before the tests).
+fn package() -> PathBuf {
+    let dir = target_dir().join("debian");
+    std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        })
+        .unwrap_or_else(|| panic!("no .deb in {}: run scripts/build-deb", dir.display()))
+}
 
 /// The repository's systemd/ folder, as a checkout would have it, under /root/ublk-crypt.
 fn systemd_files(dir: &Path, rel: &str, out: &mut Vec<(String, PathBuf)>) {
@@ -52,8 +83,8 @@ impl Machine {
             .disk_image(self.dir.join("swap-backing.img"))
             .disk_image(self.dir.join("data-backing.img"))
             .switch_root(0)
-            .binary(release_binary("ublk-crypt"))
             .binary(release_binary("page-hog"))
+            .file("/root/quick-start.sh", quick_start())
             .stall_timeout(Duration::from_secs(150))
             .timeout(Duration::from_secs(900));
         let mut files = vec![];
@@ -61,6 +92,9 @@ impl Machine {
         for (rel, host) in files {
             b = b.host_file(&format!("/root/ublk-crypt/{rel}"), host);
         }
+        let deb = package();
+        let deb_name = deb.file_name().unwrap().to_string_lossy().into_owned();
+        b = b.host_file(&format!("/root/{deb_name}"), deb);
         b.run(&format!("{LIB}\n{script}"))
             .unwrap_or_else(|e| panic!("boot {name}: {e}"))
     }
@@ -117,16 +151,56 @@ fn encrypted_swap_under_real_systemd() {
         let file = std::fs::File::create(dir.join(f)).unwrap();
         file.set_len(mib << 20).unwrap();
     }
+    // The README's line names /dev/disk/by-partlabel/cryptswap: a GPT partition of that name.
+    let mut sfdisk = std::process::Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(dir.join("swap-backing.img"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk (scripts/install-deps installs fdisk)");
+    use std::io::Write as _;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nsize=500MiB, type=L, name=cryptswap\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk");
     let m = Machine { dir: dir.clone() };
 
-    // Boot 1: install, (e), pages in swap at poweroff.
+    // Boot 1: the quick start, a refused line, (e), pages in swap at poweroff.
     let one = m.boot(
         "systemd-boot-1-install",
         include_str!("systemd_boot/install.sh"),
     );
     assert!(
         section(&one, "swaps").contains("/dev/ublkb0"),
-        "swap right after install --now"
+        "swap right after the quick start"
+    );
+    let generated = section(&one, "generated");
+    for f in [
+        "./ublk-crypt@swap.service.d/50-ublk-crypttab.conf",
+        "./ublk-crypt-swap@swap.service.d/50-ublk-crypttab.conf",
+        "./swap.target.wants/ublk-crypt@swap.service",
+        "./swap.target.wants/ublk-crypt-swap@swap.service",
+        "./ublk-crypt@swap.service.wants/ublk-crypt-swap@swap.service",
+    ] {
+        assert!(
+            generated.contains(f),
+            "generator output lacks {f}:\n{generated}"
+        );
+    }
+    let log = section(&one, "generator-log");
+    assert!(
+        log.contains("/etc/ublk-crypttab:")
+            && log.contains(": swap with the persistent key file /root/data.key")
+            && log.contains("no units for this line"),
+        "the refused line's journal message: {log}"
+    );
+    assert_eq!(
+        section(&one, "generated-bad").trim(),
+        "0",
+        "units for a refused line"
     );
     // (e)
     let state = section(&one, "data-swap-state");

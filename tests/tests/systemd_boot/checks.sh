@@ -86,7 +86,9 @@ echo "control-text $(grep -c -F "$ctl" /root/journal.export || true)"
 echo "control-raw $(grep -c -F "$(printf %s "$ctl" | od -An -v -tx1 | tr -d ' \n')" /root/journal.hex || true)"
 vm_end key-search
 
-# (d), next boot: the backing becomes a path that does not exist at boot (in /run); the same
-# install script changes the config (and drops the device binding, BACKING being no device).
+# (d), next boot: the backing becomes a path that does not exist at boot (in /run). Through the
+# from-source route this time: the ublk-crypttab line goes, and systemd/install-swap (which
+# systemd/README.md documents) writes /etc/ublk-crypt/swap.conf and units of its own.
+sed -i '/^swap /d' /etc/ublk-crypttab
 cd /root/ublk-crypt
-systemd/install-swap --binary /vm/bin/ublk-crypt --no-start swap /run/late-backing 0
+systemd/install-swap --binary /usr/sbin/ublk-crypt --no-start swap /run/late-backing 0

@@ -1,12 +1,28 @@
-# Boot 1: what an admin does. The install script the READMEs quote, from a copy of the
-# repository's systemd/ folder; swap must come up at once (enable --now).
-cd /root/ublk-crypt
-vm_section install systemd/install-swap --binary /vm/bin/ublk-crypt swap /dev/vdb 0
-wait_for "swap on /dev/ublkb0 after enable --now" 60 swap_on
+# Boot 1: what an admin does: the README's quick start, its lines copied from README.md by the
+# host into /root/quick-start.sh (install the package, one ublk-crypttab line, start
+# swap.target), run from /root, where the package lies. /dev/vdb1 is the GPT partition named
+# cryptswap that the README's line names.
+cd /root
+vm_section quick-start sh -ex /root/quick-start.sh
+wait_for "swap on /dev/ublkb0 after the quick start" 60 swap_on
 vm_section swaps cat /proc/swaps
+vm_section generated sh -c 'cd /run/systemd/generator && find . -path "*ublk-crypt*" | sort'
+
+# A line the generator must refuse (swap over a persistent key): a clear line in the journal,
+# no units for it, the other line untouched.
+head -c 64 /dev/urandom >/root/data.key
+echo 'bad /dev/vdc /root/data.key swap,id=1' >>/etc/ublk-crypttab
+systemctl daemon-reload
+# (The kernel log line "ublk-crypt-generator: ..." is in the journal under that identifier.)
+generator_logged() { journalctl -b --no-pager -t ublk-crypt-generator -o cat | grep -q 'no units'; }
+wait_for "the generator's message in the journal" 30 generator_logged
+vm_section generator-log journalctl -b --no-pager -t ublk-crypt-generator -o cat
+vm_section generated-bad sh -c 'find /run/systemd/generator -name "*@bad*" | wc -l'
+sed -i '/^bad /d' /etc/ublk-crypttab
+systemctl daemon-reload
 
 # (e) A config with a persistent key: the swap unit must refuse to mkswap its device.
-head -c 64 /dev/urandom >/root/data.key
+mkdir -p /etc/ublk-crypt
 printf 'BACKING=/dev/vdc\nID=1\nOPTIONS=--key-file /root/data.key --cipher aes-xts-plain64 --key-size 512\n' \
     >/etc/ublk-crypt/data.conf
 if systemctl start ublk-crypt@data.service ublk-crypt-swap@data.service; then

@@ -7,7 +7,7 @@ vm_begin before
 echo "swap-unit $(systemctl is-active ublk-crypt-swap@swap.service || true)"
 echo "swaps $(grep -c '^/dev/ublkb' /proc/swaps || true)"
 vm_end before
-ln -s /dev/vdb /run/late-backing
+ln -s /dev/vdb1 /run/late-backing
 wait_for "swap on /dev/ublkb0 once the backing exists" 120 swap_on
 vm_section after systemctl is-active ublk-crypt@swap.service ublk-crypt-swap@swap.service
 vm_section swap-journal journalctl -b --no-pager -o cat -u ublk-crypt-swap@swap.service
