@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use ublk_crypt_crypto::SectorLayout;
 
 use crate::benchmark::BenchmarkArgs;
-use crate::{benchmark, control, docs, recovery, target};
+use crate::config::{DeviceConfig, KeySource};
+use crate::key_source::KeySpec;
+use crate::{benchmark, client, device, docs, readiness};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -192,24 +195,74 @@ pub struct OpenArgs {
     pub test_disable_protections: bool,
 }
 
+impl OpenArgs {
+    /// The device these flags describe, validated ([`DeviceConfig::validate`]).
+    pub fn into_config(self) -> Result<DeviceConfig> {
+        let spec = self.cipher.parse()?;
+        let config = DeviceConfig {
+            id: self.id,
+            name: self.name,
+            spec,
+            key_bits: self.key_size,
+            // Replaced below, once the key size is known to be whole bytes.
+            key: KeySource::Kept,
+            layout: SectorLayout {
+                sector_size: self.sector_size,
+                iv_large_sectors: self.iv_large_sectors,
+                iv_offset: self.skip,
+            },
+            offset: self.offset,
+            size: self.size,
+            readonly: self.readonly,
+            allow_discards: self.allow_discards,
+            queues: self.queues,
+            depth: self.depth,
+            pool_mib: self.pool_mib,
+            max_io_kib: self.max_io_kib,
+            crypto_threads: self
+                .crypto_threads
+                .unwrap_or_else(DeviceConfig::default_crypto_threads),
+            pin_queues: self.pin_queues,
+            protections: !self.test_disable_protections,
+            foreground: self.foreground,
+            backing: self.backing,
+        };
+        config.validate()?;
+        let key = KeySpec::new(
+            self.key_file.as_deref(),
+            self.keyfile_offset,
+            self.keyfile_size,
+            self.hash.as_deref(),
+            config.key_bytes(),
+        )?;
+        Ok(DeviceConfig {
+            key: KeySource::Read(key),
+            ..config
+        })
+    }
+}
+
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Open(args) => target::open(*args),
-        Command::Close { device } => control::close(&device),
-        Command::List { json } => control::list(json),
-        Command::Status { device, json } => control::status(&device, json),
-        Command::Recover { device, foreground } => recovery::recover(&device, foreground),
+        Command::Open(args) => {
+            // Before the flags are checked: a warning about them is logged.
+            readiness::init_logging();
+            device::open(args.into_config()?)
+        }
+        Command::Close { device } => client::close(&device),
+        Command::List { json } => client::list(json),
+        Command::Status { device, json } => client::status(&device, json),
+        Command::Recover { device, foreground } => device::recover(&device, foreground),
         Command::Benchmark(args) => benchmark::benchmark(args),
-        Command::Completions { shell } => docs::completions(shell),
-        Command::Manpage { dir } => docs::manpage(dir.as_deref()),
+        Command::Completions { shell } => docs::completions(&Cli::command(), shell),
+        Command::Manpage { dir } => docs::manpage(&Cli::command(), dir.as_deref()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {

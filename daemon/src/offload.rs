@@ -308,8 +308,6 @@ pub struct PieceBatch {
     wakers: Box<[RefCell<Option<Waker>>]>,
     /// Slot of tag 0 of this queue in [`CryptoWorkers`].
     slot_base: usize,
-    /// Pieces given to workers so far.
-    shared: Cell<u64>,
 }
 
 impl PieceBatch {
@@ -320,13 +318,7 @@ impl PieceBatch {
             next: (0..depth).map(|_| Cell::new(None)).collect(),
             wakers: (0..depth).map(|_| RefCell::new(None)).collect(),
             slot_base,
-            shared: Cell::new(0),
         }
-    }
-
-    /// How many pieces went to workers in batches so far.
-    pub fn shared_pieces(&self) -> u64 {
-        self.shared.get()
     }
 
     /// A small piece's whole trip: parked in `tag`'s slot, then done by the queue thread at the
@@ -433,7 +425,6 @@ impl PieceBatch {
                 self.state[usize::from(pair[1])].set(PieceState::Follower);
             }
             workers.submit_batch(there.iter().map(|&t| self.slot_base + usize::from(t)));
-            self.shared.set(self.shared.get() + there.len() as u64);
             self.set(leader, PieceState::Leader);
         }
         for &tag in here {
@@ -543,7 +534,6 @@ mod tests {
         let want = park_pieces(6, cipher, workers, pool, &batch);
         assert!(batch.flush(workers));
         assert!(!batch.flush(workers), "nothing parked any more");
-        assert_eq!(batch.shared_pieces(), 3);
         let states: Vec<_> = (0..6).map(|t| batch.state[t].get()).collect();
         use PieceState::*;
         assert_eq!(states, [Done, Done, Done, Leader, Follower, Follower]);
