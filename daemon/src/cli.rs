@@ -308,4 +308,38 @@ mod tests {
         assert!(a.readonly);
         assert_eq!(a.key_file.as_deref(), Some(std::path::Path::new("/k")));
     }
+
+    fn open_config(extra: &[&str]) -> Result<DeviceConfig> {
+        let mut argv = vec!["ublk-crypt", "open", "/dev/vdb"];
+        argv.extend_from_slice(extra);
+        let Command::Open(a) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not open")
+        };
+        a.into_config()
+    }
+
+    #[test]
+    fn open_flags_become_a_validated_device_config() {
+        let c =
+            open_config(&["-d", "/k", "-s", "256", "--sector-size", "4096", "-p", "8"]).unwrap();
+        assert_eq!(c.key_bits, 256);
+        assert_eq!(
+            (c.layout.sector_size, c.layout.iv_offset),
+            (4096, 8),
+            "{c:?}"
+        );
+        assert!(matches!(
+            c.key,
+            KeySource::Read(KeySpec::File { size: 32, .. })
+        ));
+        assert!(!c.recovering() && c.protections && c.crypto_threads >= 1);
+        let e = |extra: &[&str]| open_config(extra).unwrap_err().to_string();
+        assert_eq!(e(&["--queues", "0"]), "--queues 0 is out of range (1..=64)");
+        assert_eq!(
+            e(&["--keyfile-offset", "4"]),
+            "--keyfile-offset needs --key-file"
+        );
+        assert!(e(&["-c", "aes-xts-plain64", "-s", "384"]).contains("384"));
+        assert!(e(&["--hash", "md4"]).contains("md4"));
+    }
 }
