@@ -239,18 +239,16 @@ fn crypto_workers_allocate_nothing_in_steady_state() {
     assert!(waits.load(Ordering::Relaxed) > 0);
 }
 
-/// The queue threads' own policy (`QueueCrypto`): with every tag busy, small pieces are parked
-/// and shared out at the end of the round, larger ones go to a worker or stay inline. Only
-/// 4 KiB requests here, so every wait for a worker is a batch of small pieces.
-#[test]
-fn batched_small_pieces_allocate_nothing_in_steady_state() {
+/// Requests of `sizes` (sectors) through the queue threads' own policy (`QueueCrypto`) with
+/// one crypto worker; returns how often a task waited for the worker.
+fn drive_queue_policy(sizes: &[u32]) -> u64 {
     let workers = tracked_workers(1);
     let cipher = cipher();
     let batch: &'static PieceBatch = Box::leak(Box::new(PieceBatch::new(TAGS as usize, 0)));
     let in_flight: &'static InFlight = Box::leak(Box::default());
     let waits: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
     drive_sized(
-        &[8],
+        sizes,
         |tag| QueueCrypto {
             cipher,
             workers: Some(workers),
@@ -263,8 +261,21 @@ fn batched_small_pieces_allocate_nothing_in_steady_state() {
         in_flight,
         || batch.flush(workers),
     );
+    waits.load(Ordering::Relaxed)
+}
+
+/// The queue's policy with large and small pieces: inline, alone on a worker, or batched.
+#[test]
+fn the_queue_policy_allocates_nothing_in_steady_state() {
+    assert!(drive_queue_policy(&[512, 512, 512, 512, 8, 8]) > 0);
+}
+
+/// With every tag busy, small pieces are parked and shared out at the end of the round. Only
+/// 4 KiB requests here, so every wait for the worker is a batch of small pieces.
+#[test]
+fn batched_small_pieces_allocate_nothing_in_steady_state() {
     assert!(
-        waits.load(Ordering::Relaxed) > 0,
+        drive_queue_policy(&[8]) > 0,
         "some small pieces really went to the worker"
     );
 }
