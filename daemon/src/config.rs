@@ -28,7 +28,7 @@ pub enum KeySource {
 pub struct DeviceConfig {
     /// ublk device id: the one asked for (`None`: the kernel picks), or the device recovered.
     pub id: Option<u32>,
-    /// Name for `close`, `status`, `list` (`None`: `ublk-crypt<ID>`).
+    /// Name for `close`, `status`, `list` (`None`: `ublk-crypt` and the id).
     pub name: Option<String>,
     /// The backing as given (error messages name it so); the record holds its canonical path.
     pub backing: PathBuf,

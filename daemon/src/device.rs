@@ -1,5 +1,5 @@
 //! A device's life in this process: `open` (create) and recovery (re-attach) share one
-//! [`prepare`] — backing, geometry, key, cipher — and one [`serve`]: protections, pool, the
+//! `prepare` — backing, geometry, key, cipher — and one `serve`: protections, pool, the
 //! ublk device, the kept key and the record, the control thread, the queue threads, and the
 //! stop.
 //!

@@ -2,6 +2,7 @@
 //! example under a counting allocator) without a kernel. See `main.rs` for the file map.
 
 pub mod backing;
+pub mod batch;
 pub mod benchmark;
 pub mod cli;
 pub mod client;

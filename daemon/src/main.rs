@@ -20,8 +20,8 @@
 //! - [`queue`]: a queue thread: fetch → [`io`] → commit, user copy, io_uring backing;
 //! - [`io`]: the IO path, fetch → (decrypt|encrypt) → backing IO → commit;
 //! - [`queue_crypto`]: where a piece's AES runs (inline, a crypto worker, a batch);
-//! - [`offload`]: crypto worker threads and small-piece batches, so one queue's AES can use
-//!   every CPU;
+//! - [`offload`]: crypto worker threads, so one queue's AES can use every CPU;
+//! - [`batch`]: small pieces shared between a queue thread and a worker, a batch at a time;
 //! - [`executor`]: the allocation-free per-tag executor each queue thread runs;
 //! - [`kernel_log`]: the IO path's messages, to `/dev/kmsg` (never a file that can be in swap);
 //! - [`stats`]: per-queue counters;

@@ -12,11 +12,12 @@ use io_uring::{opcode, types};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkError};
 
+use crate::batch::PieceBatch;
 use crate::context::{DeviceContext, Event};
 use crate::executor::{block_on, TagExecutor};
 use crate::hardening;
 use crate::io::{BackingIo, IoDesc, IoPath, RequestData};
-use crate::offload::{CryptoWorkers, PieceBatch};
+use crate::offload::CryptoWorkers;
 use crate::queue_crypto::{InFlight, QueueCrypto, WorkerWait};
 use crate::stats::QueueCounters;
 use crate::ublk::OPS_PER_TAG;

@@ -159,7 +159,7 @@ pub fn ublk_error(what: &str, id: Option<u32>, e: UblkError) -> anyhow::Error {
 /// Device parameters, as dm-crypt would present the same volume: logical block = encryption
 /// sector, a volatile cache (so FLUSH reaches us and we fdatasync the backing), discard only
 /// when allowed. Also registers the backing as the queue rings' fixed file 1 and sizes the
-/// rings ([`OPS_PER_TAG`], [`CQ_ENTRIES_PER_TAG`]).
+/// rings ([`OPS_PER_TAG`], `CQ_ENTRIES_PER_TAG`).
 pub fn set_params(dev: &mut UblkDev, ctx: &DeviceContext) -> Result<(), UblkError> {
     let rec = &ctx.record;
     let shift = rec.sector_size.trailing_zeros() as u8;

@@ -11,9 +11,10 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{Completions, MemBacking, MemRequest};
+use ublk_crypt::batch::PieceBatch;
 use ublk_crypt::executor::TagExecutor;
 use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit, SectorCrypto};
-use ublk_crypt::offload::{CryptoWorkers, PieceBatch};
+use ublk_crypt::offload::CryptoWorkers;
 use ublk_crypt::queue_crypto::{InFlight, QueueCrypto, WorkerWait};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
