@@ -62,7 +62,7 @@ impl Backing {
         };
         let (mut file, direct) = match open(true) {
             Ok(f) => (f, true),
-            // Warned about once the device is live (see target.rs), not here: a failed open
+            // Warned about once the device is live (see device.rs), not here: a failed open
             // must print exactly one line.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !block_device => {
                 (open(false)?, false)

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use ublk_crypt_crypto::SectorLayout;
 
 use crate::benchmark::BenchmarkArgs;
-use crate::{benchmark, control, docs, recovery, target};
+use crate::config::{DeviceConfig, KeySource};
+use crate::key_source::KeySpec;
+use crate::{benchmark, client, device, docs, readiness};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -192,24 +195,74 @@ pub struct OpenArgs {
     pub test_disable_protections: bool,
 }
 
+impl OpenArgs {
+    /// The device these flags describe, validated ([`DeviceConfig::validate`]).
+    pub fn into_config(self) -> Result<DeviceConfig> {
+        let spec = self.cipher.parse()?;
+        let config = DeviceConfig {
+            id: self.id,
+            name: self.name,
+            spec,
+            key_bits: self.key_size,
+            // Replaced below, once the key size is known to be whole bytes.
+            key: KeySource::Kept,
+            layout: SectorLayout {
+                sector_size: self.sector_size,
+                iv_large_sectors: self.iv_large_sectors,
+                iv_offset: self.skip,
+            },
+            offset: self.offset,
+            size: self.size,
+            readonly: self.readonly,
+            allow_discards: self.allow_discards,
+            queues: self.queues,
+            depth: self.depth,
+            pool_mib: self.pool_mib,
+            max_io_kib: self.max_io_kib,
+            crypto_threads: self
+                .crypto_threads
+                .unwrap_or_else(DeviceConfig::default_crypto_threads),
+            pin_queues: self.pin_queues,
+            protections: !self.test_disable_protections,
+            foreground: self.foreground,
+            backing: self.backing,
+        };
+        config.validate()?;
+        let key = KeySpec::new(
+            self.key_file.as_deref(),
+            self.keyfile_offset,
+            self.keyfile_size,
+            self.hash.as_deref(),
+            config.key_bytes(),
+        )?;
+        Ok(DeviceConfig {
+            key: KeySource::Read(key),
+            ..config
+        })
+    }
+}
+
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Open(args) => target::open(*args),
-        Command::Close { device } => control::close(&device),
-        Command::List { json } => control::list(json),
-        Command::Status { device, json } => control::status(&device, json),
-        Command::Recover { device, foreground } => recovery::recover(&device, foreground),
+        Command::Open(args) => {
+            // Before the flags are checked: a warning about them is logged.
+            readiness::init_logging();
+            device::open(args.into_config()?)
+        }
+        Command::Close { device } => client::close(&device),
+        Command::List { json } => client::list(json),
+        Command::Status { device, json } => client::status(&device, json),
+        Command::Recover { device, foreground } => device::recover(&device, foreground),
         Command::Benchmark(args) => benchmark::benchmark(args),
-        Command::Completions { shell } => docs::completions(shell),
-        Command::Manpage { dir } => docs::manpage(dir.as_deref()),
+        Command::Completions { shell } => docs::completions(&Cli::command(), shell),
+        Command::Manpage { dir } => docs::manpage(&Cli::command(), dir.as_deref()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -254,5 +307,39 @@ mod tests {
         assert_eq!((a.key_size, a.offset, a.skip), (256, 8, 16));
         assert!(a.readonly);
         assert_eq!(a.key_file.as_deref(), Some(std::path::Path::new("/k")));
+    }
+
+    fn open_config(extra: &[&str]) -> Result<DeviceConfig> {
+        let mut argv = vec!["ublk-crypt", "open", "/dev/vdb"];
+        argv.extend_from_slice(extra);
+        let Command::Open(a) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not open")
+        };
+        a.into_config()
+    }
+
+    #[test]
+    fn open_flags_become_a_validated_device_config() {
+        let c =
+            open_config(&["-d", "/k", "-s", "256", "--sector-size", "4096", "-p", "8"]).unwrap();
+        assert_eq!(c.key_bits, 256);
+        assert_eq!(
+            (c.layout.sector_size, c.layout.iv_offset),
+            (4096, 8),
+            "{c:?}"
+        );
+        assert!(matches!(
+            c.key,
+            KeySource::Read(KeySpec::File { size: 32, .. })
+        ));
+        assert!(!c.recovering() && c.protections && c.crypto_threads >= 1);
+        let e = |extra: &[&str]| open_config(extra).unwrap_err().to_string();
+        assert_eq!(e(&["--queues", "0"]), "--queues 0 is out of range (1..=64)");
+        assert_eq!(
+            e(&["--keyfile-offset", "4"]),
+            "--keyfile-offset needs --key-file"
+        );
+        assert!(e(&["-c", "aes-xts-plain64", "-s", "384"]).contains("384"));
+        assert!(e(&["--hash", "md4"]).contains("md4"));
     }
 }

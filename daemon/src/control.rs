@@ -1,29 +1,18 @@
-//! The control plane: signals, the status socket and readiness on the daemon side; `close`,
-//! `list` and `status` on the client side.
+//! The control plane of a served device: signals and the status socket. (Its clients, the
+//! `close`, `list` and `status` commands, are in `client.rs`.)
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, far from the IO path: the
 //! queue threads never wait on it, and it may allocate freely. Requests on the socket
 //! (`/run/ublk-crypt/<id>.sock`, mode 0600) are one line: `status` answers one JSON line,
 //! `close` stops the device. SIGTERM and SIGINT stop the device too (systemd's stop).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
-
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::context::{DeviceContext, Event};
 use crate::hardening;
-use crate::state::{self, DeviceRecord};
+use crate::records::{self, DeviceRecord};
 use crate::stats::QueueSnapshot;
-use crate::target::{self, DeviceContext};
-
-/// What the control plane tells the device's main thread.
-pub enum Event {
-    Stop,
-    QueueExited(u16),
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PoolStatus {
@@ -78,7 +67,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         })
         .collect();
     let (rss, lck) = self_memory();
-    let device = ctx.record.lock().unwrap().clone();
+    let device = ctx.record.clone();
     Status {
         path: device.bdev_path(),
         device,
@@ -112,8 +101,7 @@ fn self_memory() -> (u64, u64) {
 
 /// Starts the control thread for a device being served.
 pub fn spawn(ctx: &'static DeviceContext) -> Result<()> {
-    let id = ctx.record.lock().unwrap().id;
-    let sock_path = state::socket_path(id);
+    let sock_path = records::socket_path(ctx.record.id);
     let _ = std::fs::remove_file(&sock_path);
     let listener = std::os::unix::net::UnixListener::bind(&sock_path)
         .with_context(|| format!("cannot create the control socket {}", sock_path.display()))?;
@@ -141,7 +129,7 @@ pub fn spawn(ctx: &'static DeviceContext) -> Result<()> {
 }
 
 fn stop(ctx: &DeviceContext) {
-    let _ = ctx.events.lock().unwrap().send(Event::Stop);
+    ctx.send(Event::Stop);
 }
 
 /// A signal stops the device only if nothing holds it: deleting a device under an active swap
@@ -149,8 +137,7 @@ fn stop(ctx: &DeviceContext) {
 /// in use, the daemon keeps serving and says why; if it is then killed (systemd's stop timeout),
 /// the device stays, waiting for recovery, and no page is lost.
 fn stop_unless_in_use(ctx: &DeviceContext, signal: &str) {
-    let rec = ctx.record.lock().unwrap().clone();
-    match refuse_if_in_use(&rec) {
+    match refuse_if_in_use(&ctx.record) {
         Ok(()) => {
             tracing::info!("{signal}: stopping");
             stop(ctx);
@@ -203,59 +190,9 @@ async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net:
     }
 }
 
-/// Sends one request to a daemon's control socket and returns its one-line answer.
-fn request(rec: &DeviceRecord, what: &str) -> Result<String> {
-    let path = rec.socket_path();
-    let mut s = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the daemon of {} at {}",
-            rec.name,
-            path.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(s, "{what}")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    Ok(line)
-}
-
-/// `ublk-crypt close NAME|ID`.
-pub fn close(device: &str) -> Result<ExitCode> {
-    let rec = state::resolve(device)?;
-    let st = target::device_state(rec.id);
-    match st {
-        Ok(st) if st.daemon_alive => {
-            refuse_if_in_use(&rec)?;
-            request(&rec, "close")?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while target::device_exists(rec.id) {
-                if Instant::now() > deadline {
-                    bail!(
-                        "{} did not close within 60 s (is it still mounted or swapped on?)",
-                        rec.bdev_path()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(_) => {
-            // The daemon is gone (crashed): delete the orphaned device ourselves.
-            let ctrl = libublk::ctrl::UblkCtrl::new_simple(rec.id as i32)
-                .map_err(|e| anyhow::anyhow!("cannot open ublk device {}: {e}", rec.id))?;
-            ctrl.del_dev()
-                .map_err(|e| anyhow::anyhow!("cannot delete ublk device {}: {e}", rec.id))?;
-        }
-        Err(_) => {} // the device is already gone: just forget the record and key
-    }
-    crate::recovery::forget_key(rec.id);
-    state::remove(rec.id);
-    Ok(ExitCode::SUCCESS)
-}
-
 /// Like `cryptsetup close`, refuse to pull a device out from under a mount or a swap area:
 /// both hold the block device exclusively, so an exclusive open fails with EBUSY.
-fn refuse_if_in_use(rec: &DeviceRecord) -> Result<()> {
+pub fn refuse_if_in_use(rec: &DeviceRecord) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::File::options()
         .read(true)
@@ -269,92 +206,4 @@ fn refuse_if_in_use(rec: &DeviceRecord) -> Result<()> {
         ),
         _ => Ok(()),
     }
-}
-
-/// `ublk-crypt list`.
-pub fn list(json: bool) -> Result<ExitCode> {
-    let mut rows = Vec::new();
-    for rec in state::all() {
-        let state = match target::device_state(rec.id) {
-            Ok(s) if s.daemon_alive => "serving".to_string(),
-            Ok(s) => format!("{} (no daemon)", s.state_name),
-            Err(_) => "gone".to_string(),
-        };
-        rows.push((rec, state));
-    }
-    if json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|(r, s)| {
-                serde_json::json!({ "name": r.name, "id": r.id, "device": r.bdev_path(),
-                "backing": r.backing, "cipher": r.cipher, "key_bits": r.key_bits,
-                "sector_size": r.sector_size, "pid": r.pid, "state": s })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "{:<16} {:<12} {:<24} {:<22} {:>7} STATE",
-            "NAME", "DEVICE", "BACKING", "CIPHER", "PID"
-        );
-        for (r, s) in rows {
-            println!(
-                "{:<16} {:<12} {:<24} {:<22} {:>7} {s}",
-                r.name,
-                r.bdev_path(),
-                r.backing.display(),
-                format!("{}/{}", r.cipher, r.key_bits),
-                r.pid
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `ublk-crypt status NAME|ID`.
-pub fn status(device: &str, json: bool) -> Result<ExitCode> {
-    let rec = state::resolve(device)?;
-    let line = request(&rec, "status")?;
-    if json {
-        print!("{line}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let s: Status = serde_json::from_str(&line).context("malformed status from the daemon")?;
-    let d = &s.device;
-    println!(
-        "{} is active: {} on {}",
-        d.name,
-        s.path,
-        d.backing.display()
-    );
-    println!(
-        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}",
-        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend
-    );
-    println!("  size:        {} sectors", d.size / 512);
-    println!(
-        "  daemon:      pid {}, RSS {} KiB, locked {} KiB, protections {}",
-        d.pid,
-        s.vm_rss_kib,
-        s.vm_lck_kib,
-        if d.protections { "on" } else { "OFF" }
-    );
-    println!(
-        "  pool:        {} x {} KiB{}, in use {}, high water {}, waits {}, reserve hits {}",
-        s.pool.chunks_total,
-        s.pool.chunk_bytes >> 10,
-        if s.pool.locked { " locked" } else { "" },
-        s.pool.in_use,
-        s.pool.high_water,
-        s.pool.waits,
-        s.pool.reserve_hits
-    );
-    for q in &s.queues {
-        println!(
-            "  queue {}:     reads {} ({} B), writes {} ({} B), flushes {}, discards {}, errors {}, split {}, pool waits {}",
-            q.queue, q.io.reads, q.io.bytes_read, q.io.writes, q.io.bytes_written, q.io.flushes,
-            q.io.discards, q.io.errors, q.io.split_ios, q.pool_waits
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }

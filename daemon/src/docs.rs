@@ -1,5 +1,5 @@
-//! Shell completions and man pages, generated from the clap definition in [`crate::cli`] so
-//! they never drift from `--help`:
+//! Shell completions and man pages, generated from the clap definition of the command line
+//! (`cli.rs` passes it in) so they never drift from `--help`:
 //!
 //! ```text
 //! ublk-crypt completions bash > /etc/bash_completion.d/ublk-crypt
@@ -12,17 +12,14 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::CommandFactory;
 use clap_complete::Shell;
-
-use crate::cli::Cli;
 
 /// Man page section: an administrator's command (it needs root and a kernel driver).
 pub const MAN_SECTION: &str = "8";
 
-/// The completion script for `shell`.
-pub fn completion_script(shell: Shell) -> Vec<u8> {
-    let mut cmd = visible(&Cli::command());
+/// The completion script of `cli` for `shell`.
+pub fn completion_script(cli: &clap::Command, shell: Shell) -> Vec<u8> {
+    let mut cmd = visible(cli);
     let mut out = vec![];
     clap_complete::generate(shell, &mut cmd, "ublk-crypt", &mut out);
     if shell == Shell::Bash {
@@ -56,8 +53,8 @@ fn visible(cmd: &clap::Command) -> clap::Command {
 
 /// Every man page: (file name, roff text). The first is `ublk-crypt.8`, then one per visible
 /// subcommand (`ublk-crypt-open.8`, ...), as git and cargo do.
-pub fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
-    let mut cmd = Cli::command().disable_help_subcommand(true);
+pub fn man_pages(cli: &clap::Command) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut cmd = cli.clone().disable_help_subcommand(true);
     cmd.build();
     let mut pages = vec![];
     let mut add = |c: clap::Command| -> Result<()> {
@@ -77,16 +74,16 @@ pub fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// `ublk-crypt completions SHELL`.
-pub fn completions(shell: Shell) -> Result<ExitCode> {
+pub fn completions(cli: &clap::Command, shell: Shell) -> Result<ExitCode> {
     std::io::stdout()
-        .write_all(&completion_script(shell))
+        .write_all(&completion_script(cli, shell))
         .context("writing the completion script")?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `ublk-crypt manpage [--dir DIR]`: the main page on stdout, or every page into DIR.
-pub fn manpage(dir: Option<&Path>) -> Result<ExitCode> {
-    let pages = man_pages()?;
+pub fn manpage(cli: &clap::Command, dir: Option<&Path>) -> Result<ExitCode> {
+    let pages = man_pages(cli)?;
     match dir {
         None => std::io::stdout()
             .write_all(&pages[0].1)
@@ -109,12 +106,17 @@ pub fn manpage(dir: Option<&Path>) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::ValueEnum;
+    use clap::{CommandFactory, ValueEnum};
+
+    /// The real command line.
+    fn cli() -> clap::Command {
+        crate::cli::Cli::command()
+    }
 
     #[test]
     fn every_shell_gets_a_completion_script_naming_the_options() {
         for &shell in Shell::value_variants() {
-            let s = String::from_utf8(completion_script(shell)).unwrap();
+            let s = String::from_utf8(completion_script(&cli(), shell)).unwrap();
             assert!(s.contains("ublk-crypt"), "{shell}");
             for word in ["open", "recover", "benchmark", "key-file", "allow-discards"] {
                 assert!(s.contains(word), "{shell} completion lacks {word}");
@@ -129,7 +131,7 @@ mod tests {
     /// Runs the bash completion function for `words` (the last one being completed).
     fn bash_complete(words: &[&str]) -> Option<String> {
         let script = std::env::temp_dir().join(format!("ublk-crypt-bash-{}", std::process::id()));
-        std::fs::write(&script, completion_script(Shell::Bash)).unwrap();
+        std::fs::write(&script, completion_script(&cli(), Shell::Bash)).unwrap();
         let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
         let n = words.len() - 1;
         let prog = format!(
@@ -173,7 +175,7 @@ mod tests {
 
     #[test]
     fn man_pages_cover_every_visible_subcommand() {
-        let pages = man_pages().unwrap();
+        let pages = man_pages(&cli()).unwrap();
         let names: Vec<&str> = pages.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -212,11 +214,11 @@ mod tests {
     fn manpage_dir_writes_every_page_and_rejects_a_missing_dir() {
         let dir = std::env::temp_dir().join(format!("ublk-crypt-man-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        manpage(Some(&dir)).unwrap();
+        manpage(&cli(), Some(&dir)).unwrap();
         let n = std::fs::read_dir(&dir).unwrap().count();
-        assert_eq!(n, man_pages().unwrap().len());
+        assert_eq!(n, man_pages(&cli()).unwrap().len());
         std::fs::remove_dir_all(&dir).unwrap();
-        let e = manpage(Some(&dir)).unwrap_err().to_string();
+        let e = manpage(&cli(), Some(&dir)).unwrap_err().to_string();
         assert!(e.contains("not a directory") && !e.contains('\n'), "{e}");
     }
 }

@@ -17,9 +17,8 @@
 use anyhow::{bail, Context, Result};
 use nix::sys::mman::{mlockall, MlockAllFlags};
 
-/// `PR_SET_IO_FLUSHER` / `PR_GET_IO_FLUSHER` (linux/prctl.h, Linux 5.6); not in the libc crate.
+/// `PR_SET_IO_FLUSHER` (linux/prctl.h, Linux 5.6); not in the libc crate.
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
-const PR_GET_IO_FLUSHER: libc::c_int = 58;
 
 /// Stack size of every thread the daemon creates (queue and control threads). Small because
 /// `MCL_FUTURE` locks whole stacks; the IO path is shallow (no recursion, no large frames).
@@ -116,15 +115,18 @@ fn prefault_stack() {
     std::hint::black_box(&mut probe);
 }
 
-/// The calling thread's io-flusher flag, for status and tests.
-pub fn is_io_flusher() -> bool {
-    // SAFETY: prctl(PR_GET_IO_FLUSHER) reads a flag of the calling thread.
-    unsafe { libc::prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `PR_GET_IO_FLUSHER` (linux/prctl.h, Linux 5.6); not in the libc crate.
+    const PR_GET_IO_FLUSHER: libc::c_int = 58;
+
+    /// The calling thread's io-flusher flag.
+    fn is_io_flusher() -> bool {
+        // SAFETY: prctl(PR_GET_IO_FLUSHER) reads a flag of the calling thread.
+        unsafe { libc::prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1 }
+    }
 
     #[test]
     fn io_thread_protection_sets_the_flag() {

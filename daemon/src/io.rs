@@ -1,7 +1,7 @@
 //! The IO path, top to bottom: fetch → (decrypt | encrypt) → backing IO → commit.
 //!
 //! [`IoPath::handle`] serves one ublk request. The fetch and the commit are libublk's (see
-//! `target.rs`); between them, data moves in pool-sized pieces:
+//! `queue.rs`); between them, data moves in pool-sized pieces:
 //!
 //! ```text
 //! WRITE: for each piece: chunk ← pool;  request → chunk (user copy);  encrypt(chunk);  chunk → backing

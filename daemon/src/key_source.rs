@@ -18,8 +18,6 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use ublk_crypt_crypto::{Key, PassphraseHash};
 
-use crate::cli::OpenArgs;
-
 /// The most a passphrase or stdin key may be (cryptsetup's default key file size limit).
 const MAX_INPUT: usize = 8 << 20;
 
@@ -43,45 +41,47 @@ pub enum KeySpec {
 }
 
 impl KeySpec {
-    pub fn from_args(args: &OpenArgs, key_bytes: usize) -> Result<KeySpec> {
-        let hash = || -> Result<PassphraseHash> {
-            let name = args
-                .hash
-                .as_deref()
-                .unwrap_or(PassphraseHash::CRYPTSETUP_PLAIN_DEFAULT);
-            Ok(name.parse()?)
+    /// The key source that `--key-file`, `--keyfile-offset`, `--keyfile-size` and `--hash`
+    /// describe, for a key of `key_bytes`; checks the combination and the hash name.
+    pub fn new(
+        key_file: Option<&Path>,
+        keyfile_offset: u64,
+        keyfile_size: Option<usize>,
+        hash: Option<&str>,
+        key_bytes: usize,
+    ) -> Result<KeySpec> {
+        let parse_hash = || -> Result<PassphraseHash> {
+            Ok(hash
+                .unwrap_or(PassphraseHash::CRYPTSETUP_PLAIN_DEFAULT)
+                .parse()?)
         };
-        Ok(match &args.key_file {
+        Ok(match key_file {
             Some(p) if p.as_os_str() == "-" => KeySpec::StdinAll {
-                offset: args.keyfile_offset,
-                max: args.keyfile_size.unwrap_or(MAX_INPUT),
-                hash: hash()?,
+                offset: keyfile_offset,
+                max: keyfile_size.unwrap_or(MAX_INPUT),
+                hash: parse_hash()?,
             },
             Some(p) => {
-                if args.hash.is_some() {
+                if hash.is_some() {
                     tracing::warn!(
                         "--hash is ignored with a key file, as in cryptsetup plain mode"
                     );
                 }
                 KeySpec::File {
-                    path: p.clone(),
-                    offset: args.keyfile_offset,
-                    size: args.keyfile_size.unwrap_or(key_bytes),
+                    path: p.to_path_buf(),
+                    offset: keyfile_offset,
+                    size: keyfile_size.unwrap_or(key_bytes),
                 }
             }
             None => {
-                if args.keyfile_offset != 0 {
+                if keyfile_offset != 0 {
                     bail!("--keyfile-offset needs --key-file");
                 }
-                KeySpec::Passphrase { hash: hash()? }
+                KeySpec::Passphrase {
+                    hash: parse_hash()?,
+                }
             }
         })
-    }
-
-    /// True when the key cannot be obtained again (a fresh random key): recovery then depends
-    /// entirely on the copy kept in the kernel keyring.
-    pub fn is_ephemeral(&self) -> bool {
-        matches!(self, KeySpec::File { path, .. } if path == Path::new("/dev/urandom") || path == Path::new("/dev/random"))
     }
 
     /// Reads the key. `prompt_for` names the device in the terminal prompt.
@@ -213,16 +213,16 @@ fn read_passphrase(prompt_for: &str) -> Result<Key> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
     use std::io::Write;
 
-    fn args(extra: &[&str]) -> OpenArgs {
-        let mut v = vec!["ublk-crypt", "open", "/dev/null"];
-        v.extend_from_slice(extra);
-        match crate::cli::Cli::parse_from(v).command {
-            crate::cli::Command::Open(a) => *a,
-            _ => unreachable!(),
-        }
+    fn file(
+        p: &str,
+        offset: u64,
+        size: Option<usize>,
+        hash: Option<&str>,
+        bytes: usize,
+    ) -> KeySpec {
+        KeySpec::new(Some(Path::new(p)), offset, size, hash, bytes).unwrap()
     }
 
     #[test]
@@ -234,23 +234,23 @@ mod tests {
         f.write_all(&(0..100u8).collect::<Vec<_>>()).unwrap();
         drop(f);
         let p = path.to_str().unwrap();
-        let spec = KeySpec::from_args(&args(&["--key-file", p, "--hash", "sha256"]), 64).unwrap();
+        let spec = file(p, 0, None, Some("sha256"), 64);
         let key = spec.read(64, "x").unwrap();
         assert_eq!(
             key.as_bytes(),
             &(0..64u8).collect::<Vec<_>>()[..],
             "hash must be ignored"
         );
-        let spec = KeySpec::from_args(&args(&["-d", p, "--keyfile-offset", "10"]), 64).unwrap();
+        let spec = file(p, 10, None, None, 64);
         assert_eq!(spec.read(64, "x").unwrap().as_bytes()[0], 10);
-        let spec = KeySpec::from_args(&args(&["-d", p, "--keyfile-offset", "50"]), 64).unwrap();
+        let spec = file(p, 50, None, None, 64);
         let err = spec.read(64, "x").unwrap_err().to_string();
         assert!(
             err.contains("too short") && err.contains("need 64"),
             "{err}"
         );
         // --keyfile-size shorter than the key: zero padded, as cryptsetup does.
-        let spec = KeySpec::from_args(&args(&["-d", p, "-l", "16"]), 32).unwrap();
+        let spec = file(p, 0, Some(16), None, 32);
         let k = spec.read(32, "x").unwrap();
         assert_eq!(&k.as_bytes()[16..], &[0u8; 16]);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -274,19 +274,20 @@ mod tests {
 
     #[test]
     fn default_hash_is_cryptsetups() {
-        let spec = KeySpec::from_args(&args(&[]), 64).unwrap();
+        let spec = KeySpec::new(None, 0, None, None, 64).unwrap();
         assert_eq!(
             spec,
             KeySpec::Passphrase {
                 hash: "ripemd160".parse().unwrap()
             }
         );
-        let spec = KeySpec::from_args(&args(&["-d", "-", "--hash", "sha512"]), 64).unwrap();
+        let spec = KeySpec::new(Some(Path::new("-")), 0, None, Some("sha512"), 64).unwrap();
         assert!(matches!(spec, KeySpec::StdinAll { .. }));
-        assert!(KeySpec::from_args(&args(&["--hash", "md4"]), 64).is_err());
-        assert!(KeySpec::from_args(&args(&["-d", "/dev/urandom"]), 64)
-            .unwrap()
-            .is_ephemeral());
+        assert!(KeySpec::new(None, 0, None, Some("md4"), 64).is_err());
+        let e = KeySpec::new(None, 1, None, None, 64)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--keyfile-offset needs --key-file");
     }
 
     #[test]

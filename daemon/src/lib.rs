@@ -2,17 +2,25 @@
 //! example under a counting allocator) without a kernel. See `main.rs` for the file map.
 
 pub mod backing;
+pub mod batch;
 pub mod benchmark;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod context;
 pub mod control;
+pub mod device;
 pub mod docs;
 pub mod executor;
 pub mod hardening;
 pub mod io;
 pub mod kernel_log;
 pub mod key_source;
+pub mod keyring;
 pub mod offload;
-pub mod recovery;
-pub mod state;
+pub mod queue;
+pub mod queue_crypto;
+pub mod readiness;
+pub mod records;
 pub mod stats;
-pub mod target;
+pub mod ublk;

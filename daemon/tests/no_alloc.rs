@@ -1,7 +1,8 @@
-//! No heap allocation on the IO path in steady state, with the AES inline and on the crypto
-//! worker threads: a counting global allocator watches many requests — reads, writes larger than a pool chunk, flushes — served by the same
-//! allocation-free executor the queue threads run, with backing operations that suspend (like
-//! io_uring completions) so tasks really wait, wake and resume.
+//! No heap allocation on the IO path in steady state, with the AES inline, on the crypto
+//! worker threads, and placed by the queue threads' own policy (`QueueCrypto`): a counting
+//! global allocator watches many requests — reads, writes larger than a pool chunk, flushes —
+//! served by the same allocation-free executor the queue threads run, with backing operations
+//! that suspend (like io_uring completions) so tasks really wait, wake and resume.
 
 mod common;
 
@@ -10,9 +11,11 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{Completions, MemBacking, MemRequest};
+use ublk_crypt::batch::PieceBatch;
 use ublk_crypt::executor::TagExecutor;
 use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit, SectorCrypto};
-use ublk_crypt::offload::{CryptoWorkers, PieceBatch};
+use ublk_crypt::offload::CryptoWorkers;
+use ublk_crypt::queue_crypto::{InFlight, QueueCrypto, WorkerWait};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
 use ublk_crypt_pool::Chunk;
@@ -67,12 +70,20 @@ fn cipher() -> &'static SectorCipher {
 /// Drives TAGS tasks of reads, 256 KiB writes and flushes through `IoPath::handle`, each with
 /// the crypto `make_crypto(tag)` gives, and asserts nothing allocates after warm-up.
 fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
-    drive_with(make_crypto, || false)
+    // 256 KiB (4 chunks) or 4 KiB.
+    let sizes = [512, 512, 512, 512, 8, 8];
+    drive_sized(&sizes, make_crypto, &InFlight::default(), || false)
 }
 
-/// `drive`, with `end_of_round` run after each executor pass until it returns false (the
-/// queue thread's `PieceBatch::flush`).
-fn drive_with<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C, end_of_round: impl Fn() -> bool) {
+/// `drive` with requests of `sizes` (sectors, in turn), counting the requests being served in
+/// `in_flight` (as a queue thread's tag loop does), with `end_of_round` run after each executor
+/// pass until it returns false (the queue thread's `PieceBatch::flush`).
+fn drive_sized<C: SectorCrypto>(
+    sizes: &[u32],
+    make_crypto: impl Fn(u16) -> C,
+    in_flight: &InFlight,
+    end_of_round: impl Fn() -> bool,
+) {
     // Fewer chunks than tags: tasks must wait for each other's chunks.
     let pool: &'static ReservePool = Box::leak(Box::new(
         ReservePool::new(PoolConfig {
@@ -108,14 +119,16 @@ fn drive_with<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C, end_of_round: imp
         async move {
             for round in 0..ROUNDS {
                 let start = u64::from(tag) * 512 + (round as u64 % 4) * 8;
-                let nr = if round % 6 < 4 { 512 } else { 8 }; // 256 KiB (4 chunks) or 4 KiB
+                let nr = sizes[round % sizes.len()];
                 let o = [op::WRITE, op::READ, op::FLUSH][round % 3];
                 let desc = IoDesc {
                     op: o,
                     start_sector: start,
                     nr_sectors: nr,
                 };
-                let r = io.handle(&desc, req, backing, &crypto).await;
+                let r = in_flight
+                    .serving(io.handle(&desc, req, backing, &crypto))
+                    .await;
                 assert!(r >= 0, "IO failed: {r}");
             }
         }
@@ -160,11 +173,35 @@ fn io_path_allocates_nothing_in_steady_state() {
     drive(|_| InlineCrypto(c));
 }
 
-/// The daemon's offload path minus io_uring: the task hands its chunk to a worker and waits for
-/// the slot's eventfd (here polled without blocking, where the daemon reads it on its ring).
+/// The wait for a worker minus io_uring: the slot's eventfd polled without blocking (the daemon
+/// polls it on its ring). Counts the waits, so a test can tell that work went to a worker.
+#[derive(Clone, Copy)]
+struct PolledWait(&'static AtomicU64);
+
+impl WorkerWait for PolledWait {
+    async fn wait(&self, workers: &CryptoWorkers, slot: usize) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::BorrowedFd;
+        self.0.fetch_add(1, Ordering::Relaxed);
+        let fd = workers.done_fd(slot);
+        loop {
+            // SAFETY: the eventfd lives as long as the leaked workers.
+            let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::ZERO).unwrap() == 1 {
+                assert!(workers.take_done(slot));
+                break;
+            }
+            common::YieldNow::default().await;
+        }
+    }
+}
+
+/// Every piece handed to a worker alone, whatever the queue's policy would say.
 struct PolledWorkers {
     workers: &'static CryptoWorkers,
     slot: usize,
+    wait: PolledWait,
 }
 
 impl SectorCrypto for PolledWorkers {
@@ -176,58 +213,8 @@ impl SectorCrypto for PolledWorkers {
         encrypt: bool,
     ) -> (Chunk<'static>, bool) {
         self.workers.submit(self.slot, chunk, len, sector, encrypt);
-        wait_polled(self.workers, self.slot).await;
+        self.wait.wait(self.workers, self.slot).await;
         self.workers.finish(self.slot)
-    }
-}
-
-/// Waits for `slot`'s eventfd, polled without blocking (the daemon polls it on its ring).
-async fn wait_polled(workers: &CryptoWorkers, slot: usize) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::BorrowedFd;
-    let fd = workers.done_fd(slot);
-    loop {
-        // SAFETY: the eventfd lives as long as the leaked workers.
-        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
-        let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::ZERO).unwrap() == 1 {
-            assert!(workers.take_done(slot));
-            break;
-        }
-        common::YieldNow::default().await;
-    }
-}
-
-/// The daemon's small-piece batching (`PieceBatch::crypt`, as `QueueCrypto::batched` uses it)
-/// minus io_uring: every piece under 32 KiB is parked and shared out at the end of the round,
-/// larger ones go to a worker alone.
-struct BatchedWorkers {
-    workers: &'static CryptoWorkers,
-    batch: &'static PieceBatch,
-    tag: u16,
-}
-
-impl SectorCrypto for BatchedWorkers {
-    async fn crypt(
-        &self,
-        chunk: Chunk<'static>,
-        len: usize,
-        sector: u64,
-        encrypt: bool,
-    ) -> (Chunk<'static>, bool) {
-        let slot = usize::from(self.tag);
-        if len >= ublk_crypt::offload::MIN_OFFLOAD_BYTES {
-            let alone = PolledWorkers {
-                workers: self.workers,
-                slot,
-            };
-            return alone.crypt(chunk, len, sector, encrypt).await;
-        }
-        self.batch
-            .crypt(self.workers, self.tag, chunk, len, sector, encrypt, || {
-                wait_polled(self.workers, slot)
-            })
-            .await
     }
 }
 
@@ -244,26 +231,52 @@ fn tracked_workers(threads: usize) -> &'static CryptoWorkers {
 #[test]
 fn crypto_workers_allocate_nothing_in_steady_state() {
     let workers = tracked_workers(2);
+    let waits: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
     drive(|tag| PolledWorkers {
         workers,
         slot: tag as usize,
+        wait: PolledWait(waits),
     });
+    assert!(waits.load(Ordering::Relaxed) > 0);
 }
 
-#[test]
-fn batched_small_pieces_allocate_nothing_in_steady_state() {
+/// Requests of `sizes` (sectors) through the queue threads' own policy (`QueueCrypto`) with
+/// one crypto worker; returns how often a task waited for the worker.
+fn drive_queue_policy(sizes: &[u32]) -> u64 {
     let workers = tracked_workers(1);
+    let cipher = cipher();
     let batch: &'static PieceBatch = Box::leak(Box::new(PieceBatch::new(TAGS as usize, 0)));
-    drive_with(
-        |tag| BatchedWorkers {
-            workers,
-            batch,
+    let in_flight: &'static InFlight = Box::leak(Box::default());
+    let waits: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    drive_sized(
+        sizes,
+        |tag| QueueCrypto {
+            cipher,
+            workers: Some(workers),
+            slot: usize::from(tag),
             tag,
+            in_flight,
+            batch,
+            wait: PolledWait(waits),
         },
+        in_flight,
         || batch.flush(workers),
     );
+    waits.load(Ordering::Relaxed)
+}
+
+/// The queue's policy with large and small pieces: inline, alone on a worker, or batched.
+#[test]
+fn the_queue_policy_allocates_nothing_in_steady_state() {
+    assert!(drive_queue_policy(&[512, 512, 512, 512, 8, 8]) > 0);
+}
+
+/// With every tag busy, small pieces are parked and shared out at the end of the round. Only
+/// 4 KiB requests here, so every wait for the worker is a batch of small pieces.
+#[test]
+fn batched_small_pieces_allocate_nothing_in_steady_state() {
     assert!(
-        batch.shared_pieces() > 0,
+        drive_queue_policy(&[8]) > 0,
         "some small pieces really went to the worker"
     );
 }

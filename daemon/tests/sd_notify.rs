@@ -6,7 +6,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
-use ublk_crypt::target::sd_notify;
+use ublk_crypt::readiness::sd_notify;
 
 fn recv(sock: &UnixDatagram) -> String {
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -21,8 +21,7 @@
 //! * The region is cut into equal [`Chunk`]s ([`PoolConfig::chunk_bytes`], default 256 KiB, a
 //!   power of two ≥ 4096, so every chunk is aligned for `O_DIRECT`). A chunk is an RAII guard:
 //!   it dereferences to `[u8]` and returns itself to the pool when dropped. Its
-//!   [`index`](Chunk::index) is stable, and [`ReservePool::region_ptr`]/[`ReservePool::region_len`] describe
-//!   the whole region, so the daemon can register it with io_uring as a fixed buffer.
+//!   [`index`](Chunk::index) and [`offset`](Chunk::offset) in the region are stable.
 //! * Each of the [`PoolConfig::queues`] queues has a **reserve** of
 //!   [`PoolConfig::reserve_per_queue`] (≥ 1) chunks that no other queue can take; the rest (≥ 1
 //!   chunk) is **shared**. A queue's first `reserve_per_queue` held chunks count against its

@@ -248,19 +248,6 @@ impl ReservePool {
         self.region.locked()
     }
 
-    /// Base address of the region: chunk `i` starts at `region_ptr() + i * chunk_bytes()`.
-    ///
-    /// Meant for registering the region with the kernel (e.g. `io_uring_register_buffers`),
-    /// not for access: the bytes of a chunk belong to whoever holds its [`Chunk`] guard.
-    pub fn region_ptr(&self) -> *mut u8 {
-        self.region.ptr().as_ptr()
-    }
-
-    /// Length of the region in bytes (`chunks() * chunk_bytes()`, at most the budget).
-    pub fn region_len(&self) -> usize {
-        self.region.len()
-    }
-
     /// Takes a chunk for `queue` if one is available to it now; never blocks or waits.
     ///
     /// Returns `None` when the shared chunks and `queue`'s reserve are all in use — which is
@@ -505,8 +492,8 @@ unsafe impl Send for Chunk<'_> {}
 unsafe impl Sync for Chunk<'_> {}
 
 impl Chunk<'_> {
-    /// Stable index of the chunk in the region (`0..pool.chunks()`); its bytes start at
-    /// `pool.region_ptr() + index * pool.chunk_bytes()`.
+    /// Stable index of the chunk in the region (`0..pool.chunks()`); its bytes start
+    /// `index * pool.chunk_bytes()` bytes into the region.
     pub fn index(&self) -> usize {
         self.index as usize
     }

@@ -117,10 +117,6 @@ impl Region {
         self.ptr
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
     pub(crate) fn locked(&self) -> bool {
         self.locked
     }

@@ -59,7 +59,10 @@ fn region_is_locked_resident_dontdump_dontfork_and_unmapped_on_drop() {
             ..PoolConfig::with_queues(2)
         })
         .unwrap();
-        let start = p.region_ptr() as usize;
+        let start = {
+            let c = p.try_acquire(0).unwrap();
+            c.as_ptr() as usize - c.offset()
+        };
         let entry = smaps_entry(start).expect("region in smaps");
         assert_eq!(field_kb(&entry, "Size"), budget / 1024, "{entry}");
         // Pre-faulted: every page resident, whether locked or not.

@@ -1,4 +1,5 @@
-//! Crash recovery without losing swapped pages, even with an ephemeral key.
+//! The key kept for a restarted daemon: crash recovery without losing swapped pages, even
+//! with an ephemeral key.
 //!
 //! Devices are created with ublk user recovery (`UBLK_F_USER_RECOVERY` +
 //! `UBLK_F_USER_RECOVERY_REISSUE`): when the daemon dies, the kernel keeps `/dev/ublkbN`, holds
@@ -24,13 +25,9 @@
 //! not for `ublk-crypt recover` run by hand.
 
 use std::ffi::CString;
-use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ublk_crypt_crypto::Key;
-
-use crate::state;
-use crate::target;
 
 const KEY_SPEC_PROCESS_KEYRING: libc::c_long = -2;
 const KEY_SPEC_USER_KEYRING: libc::c_long = -4;
@@ -159,30 +156,6 @@ pub fn forget_key(id: u32) {
             libc::syscall(libc::SYS_keyctl, KEYCTL_INVALIDATE, serial);
         }
     }
-}
-
-/// `ublk-crypt recover NAME|ID`: re-attach a new daemon to a device whose daemon died.
-pub fn recover(device: &str, foreground: bool) -> Result<ExitCode> {
-    crate::hardening::io_flusher_for_recovery();
-    let rec = state::resolve(device)?;
-    let dev_state = target::device_state(rec.id)
-        .with_context(|| format!("ublk device {} does not exist any more", rec.id))?;
-    if dev_state.daemon_alive {
-        bail!(
-            "device {} ({}) is served by pid {}: nothing to recover",
-            rec.name,
-            rec.bdev_path(),
-            dev_state.pid
-        );
-    }
-    if !dev_state.quiesced {
-        bail!(
-            "device {} is in state {} (not waiting for recovery)",
-            rec.name,
-            dev_state.state_name
-        );
-    }
-    target::serve_recovered(rec, foreground)
 }
 
 #[cfg(test)]

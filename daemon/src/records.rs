@@ -1,4 +1,4 @@
-//! Runtime records under `/run/ublk-crypt`: one JSON file per device (never any key material),
+//! The run-dir records under `/run/ublk-crypt`: one JSON file per device (never any key material),
 //! written atomically by the serving daemon. They are how `list`, `close`, `status` and
 //! `recover` find a device by name, and how a restarted daemon rebuilds the same device.
 

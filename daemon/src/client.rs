@@ -1,0 +1,149 @@
+//! The client commands, run by an admin or a unit file against devices served by other
+//! processes: `close`, `list` and `status`. They find a device by its record
+//! (`records.rs`) and talk to its daemon over the control socket (`control.rs`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::control::{refuse_if_in_use, Status};
+use crate::records::{self, DeviceRecord};
+use crate::{keyring, ublk};
+
+/// Sends one request to a daemon's control socket and returns its one-line answer.
+fn request(rec: &DeviceRecord, what: &str) -> Result<String> {
+    let path = rec.socket_path();
+    let mut s = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the daemon of {} at {}",
+            rec.name,
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(s, "{what}")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
+}
+
+/// `ublk-crypt close NAME|ID`.
+pub fn close(device: &str) -> Result<ExitCode> {
+    let rec = records::resolve(device)?;
+    let st = ublk::device_state(rec.id);
+    match st {
+        Ok(st) if st.daemon_alive => {
+            refuse_if_in_use(&rec)?;
+            request(&rec, "close")?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while ublk::device_exists(rec.id) {
+                if Instant::now() > deadline {
+                    bail!(
+                        "{} did not close within 60 s (is it still mounted or swapped on?)",
+                        rec.bdev_path()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(_) => {
+            // The daemon is gone (crashed): delete the orphaned device ourselves.
+            ublk::delete_orphan(rec.id)?;
+        }
+        Err(_) => {} // the device is already gone: just forget the record and key
+    }
+    keyring::forget_key(rec.id);
+    records::remove(rec.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ublk-crypt list`.
+pub fn list(json: bool) -> Result<ExitCode> {
+    let mut rows = Vec::new();
+    for rec in records::all() {
+        let state = match ublk::device_state(rec.id) {
+            Ok(s) if s.daemon_alive => "serving".to_string(),
+            Ok(s) => format!("{} (no daemon)", s.state_name),
+            Err(_) => "gone".to_string(),
+        };
+        rows.push((rec, state));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(r, s)| {
+                serde_json::json!({ "name": r.name, "id": r.id, "device": r.bdev_path(),
+                "backing": r.backing, "cipher": r.cipher, "key_bits": r.key_bits,
+                "sector_size": r.sector_size, "pid": r.pid, "state": s })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<16} {:<12} {:<24} {:<22} {:>7} STATE",
+            "NAME", "DEVICE", "BACKING", "CIPHER", "PID"
+        );
+        for (r, s) in rows {
+            println!(
+                "{:<16} {:<12} {:<24} {:<22} {:>7} {s}",
+                r.name,
+                r.bdev_path(),
+                r.backing.display(),
+                format!("{}/{}", r.cipher, r.key_bits),
+                r.pid
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ublk-crypt status NAME|ID`.
+pub fn status(device: &str, json: bool) -> Result<ExitCode> {
+    let rec = records::resolve(device)?;
+    let line = request(&rec, "status")?;
+    if json {
+        print!("{line}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s: Status = serde_json::from_str(&line).context("malformed status from the daemon")?;
+    let d = &s.device;
+    println!(
+        "{} is active: {} on {}",
+        d.name,
+        s.path,
+        d.backing.display()
+    );
+    println!(
+        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}",
+        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend
+    );
+    println!("  size:        {} sectors", d.size / 512);
+    println!(
+        "  daemon:      pid {}, RSS {} KiB, locked {} KiB, protections {}",
+        d.pid,
+        s.vm_rss_kib,
+        s.vm_lck_kib,
+        if d.protections { "on" } else { "OFF" }
+    );
+    println!(
+        "  pool:        {} x {} KiB{}, in use {}, high water {}, waits {}, reserve hits {}",
+        s.pool.chunks_total,
+        s.pool.chunk_bytes >> 10,
+        if s.pool.locked { " locked" } else { "" },
+        s.pool.in_use,
+        s.pool.high_water,
+        s.pool.waits,
+        s.pool.reserve_hits
+    );
+    for q in &s.queues {
+        println!(
+            "  queue {}:     reads {} ({} B), writes {} ({} B), flushes {}, discards {}, errors {}, split {}, pool waits {}",
+            q.queue, q.io.reads, q.io.bytes_read, q.io.writes, q.io.bytes_written, q.io.flushes,
+            q.io.discards, q.io.errors, q.io.split_ios, q.pool_waits
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

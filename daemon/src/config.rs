@@ -1,0 +1,232 @@
+//! What a device is, validated: the one value the device layer takes.
+//!
+//! The command line (`cli.rs`) turns its parsed flags into a [`DeviceConfig`], and recovery
+//! turns a run-dir record into one; below this point nothing knows about clap. Every check that
+//! needs no device, no backing and no key lives in [`DeviceConfig::validate`], so bad input is
+//! refused before anything exists (ripgrep's `LowArgs` → `HiArgs` model).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use ublk_crypt_crypto::{CipherSpec, SectorLayout};
+
+use crate::key_source::KeySpec;
+use crate::records::DeviceRecord;
+
+/// Where the key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Read now, with cryptsetup's plain-mode rules: a new device.
+    Read(KeySpec),
+    /// The copy kept in root's keyring (`keyring.rs`): the device exists and waits for a new
+    /// daemon to re-attach.
+    Kept,
+}
+
+/// The complete description of a device to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// ublk device id: the one asked for (`None`: the kernel picks), or the device recovered.
+    pub id: Option<u32>,
+    /// Name for `close`, `status`, `list` (`None`: `ublk-crypt` and the id).
+    pub name: Option<String>,
+    /// The backing as given (error messages name it so); the record holds its canonical path.
+    pub backing: PathBuf,
+    pub spec: CipherSpec,
+    pub key_bits: usize,
+    pub key: KeySource,
+    pub layout: SectorLayout,
+    /// Start of the data on the backing, 512-byte sectors.
+    pub offset: u64,
+    /// Device size, 512-byte sectors (`None`: the backing from `offset` to its end).
+    pub size: Option<u64>,
+    pub readonly: bool,
+    pub allow_discards: bool,
+    pub queues: u16,
+    pub depth: u16,
+    pub pool_mib: usize,
+    pub max_io_kib: u32,
+    /// Crypto worker threads (0: the AES runs on the queue threads only).
+    pub crypto_threads: usize,
+    pub pin_queues: bool,
+    /// The OOM protections; off only in the torture test.
+    pub protections: bool,
+    /// Stay in the foreground (systemd's Type=notify) instead of daemonizing.
+    pub foreground: bool,
+}
+
+impl DeviceConfig {
+    /// The key size in bytes.
+    pub fn key_bytes(&self) -> usize {
+        self.key_bits / 8
+    }
+
+    /// Whether this re-attaches to a device whose daemon died (else it creates one).
+    pub fn recovering(&self) -> bool {
+        self.key == KeySource::Kept
+    }
+
+    /// Crypto workers when `--crypto-threads` is not given: one per CPU, at most 8.
+    pub fn default_crypto_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    }
+
+    /// The device a record describes, to serve it again with the kept key.
+    pub fn from_record(rec: &DeviceRecord, foreground: bool) -> Result<DeviceConfig> {
+        let config = DeviceConfig {
+            id: Some(rec.id),
+            name: Some(rec.name.clone()),
+            backing: rec.backing.clone(),
+            spec: rec.cipher.parse()?,
+            key_bits: rec.key_bits,
+            key: KeySource::Kept,
+            layout: SectorLayout {
+                sector_size: rec.sector_size,
+                iv_large_sectors: rec.iv_large_sectors,
+                iv_offset: rec.skip,
+            },
+            offset: rec.offset,
+            size: Some(rec.size / 512),
+            readonly: rec.readonly,
+            allow_discards: rec.allow_discards,
+            queues: rec.queues,
+            depth: rec.depth,
+            pool_mib: rec.pool_mib,
+            max_io_kib: rec.max_io_kib,
+            crypto_threads: rec.crypto_threads,
+            pin_queues: rec.pin_queues,
+            protections: rec.protections,
+            foreground,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every check that needs nothing but the values; the first failure is the error, in the
+    /// order the flags were always checked.
+    pub fn validate(&self) -> Result<()> {
+        if !self.key_bits.is_multiple_of(8) {
+            bail!(
+                "--key-size {} is not a whole number of bytes",
+                self.key_bits
+            );
+        }
+        self.spec.check_key_len(self.key_bytes())?;
+        if self.queues == 0 || self.queues > 64 {
+            bail!("--queues {} is out of range (1..=64)", self.queues);
+        }
+        if self.depth == 0 || self.depth > 4096 {
+            bail!("--depth {} is out of range (1..=4096)", self.depth);
+        }
+        if !(4..=32 * 1024).contains(&self.max_io_kib) || !self.max_io_kib.is_multiple_of(4) {
+            bail!(
+                "--max-io-kib {} must be a multiple of 4 between 4 and 32768",
+                self.max_io_kib
+            );
+        }
+        if let Some(name) = &self.name {
+            if name.is_empty() || name.contains('/') || name.parse::<u32>().is_ok() {
+                bail!("--name '{name}' must be non-empty, without '/', and not a number");
+            }
+        }
+        self.layout.validate()?;
+        Ok(())
+    }
+
+    /// The record of this device once it is served as `id` with `size` bytes by this process.
+    pub fn record(&self, id: u32, size: u64) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            name: match &self.name {
+                Some(n) if !n.is_empty() => n.clone(),
+                _ => format!("ublk-crypt{id}"),
+            },
+            backing: std::fs::canonicalize(&self.backing).unwrap_or(self.backing.clone()),
+            cipher: self.spec.to_string(),
+            key_bits: self.key_bits,
+            sector_size: self.layout.sector_size,
+            iv_large_sectors: self.layout.iv_large_sectors,
+            offset: self.offset,
+            skip: self.layout.iv_offset,
+            size,
+            readonly: self.readonly,
+            allow_discards: self.allow_discards,
+            queues: self.queues,
+            depth: self.depth,
+            pool_mib: self.pool_mib,
+            max_io_kib: self.max_io_kib,
+            crypto_threads: self.crypto_threads,
+            pin_queues: self.pin_queues,
+            protections: self.protections,
+            pid: std::process::id(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> DeviceConfig {
+        DeviceConfig {
+            id: None,
+            name: Some("swap".into()),
+            backing: "/dev/vdb".into(),
+            spec: "aes-xts-plain64".parse().unwrap(),
+            key_bits: 512,
+            key: KeySource::Read(KeySpec::Passphrase {
+                hash: "sha256".parse().unwrap(),
+            }),
+            layout: SectorLayout::default(),
+            offset: 0,
+            size: None,
+            readonly: false,
+            allow_discards: false,
+            queues: 1,
+            depth: 64,
+            pool_mib: 16,
+            max_io_kib: 512,
+            crypto_threads: 2,
+            pin_queues: false,
+            protections: true,
+            foreground: false,
+        }
+    }
+
+    #[test]
+    fn each_bad_value_is_named() {
+        assert!(config().validate().is_ok());
+        let e = |f: fn(&mut DeviceConfig)| {
+            let mut c = config();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(e(|c| c.key_bits = 500).contains("--key-size 500"));
+        assert!(e(|c| c.key_bits = 384).contains("384"));
+        assert!(e(|c| c.queues = 0).contains("--queues 0"));
+        assert!(e(|c| c.queues = 65).contains("--queues 65"));
+        assert!(e(|c| c.depth = 0).contains("--depth 0"));
+        assert!(e(|c| c.max_io_kib = 6).contains("--max-io-kib 6"));
+        assert!(e(|c| c.name = Some("7".into())).contains("--name '7'"));
+        assert!(e(|c| c.name = Some("a/b".into())).contains("--name"));
+        assert!(e(|c| c.layout.sector_size = 1000).contains("1000"));
+    }
+
+    #[test]
+    fn a_record_round_trips_to_the_same_device() {
+        let c = config();
+        let rec = c.record(3, 1 << 30);
+        assert_eq!(rec.name, "swap");
+        let back = DeviceConfig::from_record(&rec, true).unwrap();
+        assert_eq!(back.id, Some(3));
+        assert!(back.recovering() && back.foreground);
+        assert_eq!(
+            (back.spec, back.key_bits, back.layout),
+            (c.spec, 512, c.layout)
+        );
+        assert_eq!(back.size, Some((1 << 30) / 512));
+        assert_eq!(back.record(3, 1 << 30), rec);
+        let unnamed = DeviceConfig { name: None, ..c };
+        assert_eq!(unnamed.record(5, 4096).name, "ublk-crypt5");
+    }
+}

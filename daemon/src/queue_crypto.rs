@@ -1,0 +1,179 @@
+//! Where a tag's AES runs: inline on the queue thread, on a crypto worker, or parked for the
+//! end of the round and shared out in a batch ([`PieceBatch`]). The policy the queue threads
+//! run, and the one `tests/no_alloc.rs` drives: only the wait for a worker differs (an io_uring
+//! poll in the daemon, [`WorkerWait`]).
+//!
+//! A piece goes to the crypto workers when [`worth_offloading`] says so — large, and something
+//! could use the queue thread meanwhile: another request of this queue in flight, or
+//! (`crypt_overlapped`) the next piece's backing read. Everything else runs inline: with
+//! nothing else to do, a hand-off only adds two thread wake-ups to the request's latency, which
+//! is what a swap-in — one faulting task, reads of 8–32 KiB — waits for. Small pieces at
+//! queue depth ≥ [`BATCH_MIN_IN_FLIGHT`] are batched (`batch.rs`).
+
+use std::cell::Cell;
+use std::future::Future;
+
+use ublk_crypt_crypto::SectorCipher;
+use ublk_crypt_pool::Chunk;
+
+use crate::batch::PieceBatch;
+use crate::io::{InlineCrypto, SectorCrypto};
+use crate::offload::CryptoWorkers;
+
+/// Pieces smaller than this are encrypted inline: for a 4 KiB IO the hand-off would cost more
+/// than the AES.
+pub const MIN_OFFLOAD_BYTES: usize = 32 << 10;
+
+/// Whether a piece of `len` bytes goes to a worker. Only when the queue thread has something
+/// else to do meanwhile: other requests of its queue in flight (`in_flight` counts the one
+/// this piece belongs to), or the same request's next backing read (`overlapped`). A request
+/// alone on its queue — a swap-in, one faulting task — is faster inline: the hand-off adds two
+/// thread wake-ups and saves nothing. And when every worker is busy (`worker_idle` false), a
+/// piece of at most [`MAX_INLINE_WHEN_BUSY`] runs inline too: queued behind the workers it
+/// would wait, while the queue thread can be one more AES lane.
+pub fn worth_offloading(len: usize, in_flight: u16, overlapped: bool, worker_idle: bool) -> bool {
+    len >= MIN_OFFLOAD_BYTES
+        && (overlapped || (in_flight > 1 && (worker_idle || len > MAX_INLINE_WHEN_BUSY)))
+}
+
+/// Largest piece the queue thread encrypts itself when every worker is busy. Larger ones would
+/// hold it (and every other tag's completions) too long: 64 KiB is ~0.7 ms of AES under TCG.
+pub const MAX_INLINE_WHEN_BUSY: usize = 64 << 10;
+
+/// Queue depth from which a small piece (under [`MIN_OFFLOAD_BYTES`]) waits for the end of the
+/// queue thread's round to be shared with a worker (see [`PieceBatch`]). Below it the queue
+/// thread is not the bottleneck and the AES runs inline at once.
+pub const BATCH_MIN_IN_FLIGHT: u16 = 8;
+
+/// How a task waits for a crypto worker to finish its slot's job.
+#[allow(async_fn_in_trait)] // used only with static dispatch, on one thread
+pub trait WorkerWait {
+    /// Returns once the worker has written `slot`'s eventfd and the signal is consumed
+    /// ([`CryptoWorkers::take_done`]): the chunk may then be taken back.
+    async fn wait(&self, workers: &CryptoWorkers, slot: usize);
+}
+
+/// Requests of one queue being served right now; its thread's tasks share it.
+#[derive(Default)]
+pub struct InFlight(Cell<u16>);
+
+impl InFlight {
+    /// Serves one request (`f`) counted as in flight.
+    pub async fn serving<T>(&self, f: impl Future<Output = T>) -> T {
+        self.0.set(self.0.get() + 1);
+        let r = f.await;
+        self.0.set(self.0.get() - 1);
+        r
+    }
+
+    pub fn get(&self) -> u16 {
+        self.0.get()
+    }
+}
+
+/// One tag's AES.
+pub struct QueueCrypto<'a, W: WorkerWait> {
+    pub cipher: &'static SectorCipher,
+    /// `None` with `--crypto-threads 0`: always inline.
+    pub workers: Option<&'static CryptoWorkers>,
+    /// This tag's job slot in `workers` (queue × depth + tag).
+    pub slot: usize,
+    pub tag: u16,
+    pub in_flight: &'a InFlight,
+    /// Small pieces shared with a worker at high queue depth.
+    pub batch: &'a PieceBatch,
+    pub wait: W,
+}
+
+impl<W: WorkerWait> SectorCrypto for QueueCrypto<'_, W> {
+    async fn crypt(
+        &self,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        self.offload_or_inline(false, chunk, len, sector, encrypt)
+            .await
+    }
+
+    async fn crypt_overlapped(
+        &self,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        self.offload_or_inline(true, chunk, len, sector, encrypt)
+            .await
+    }
+}
+
+impl<W: WorkerWait> QueueCrypto<'_, W> {
+    async fn offload_or_inline(
+        &self,
+        overlapped: bool,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        if let Some(workers) = self.workers {
+            if len < MIN_OFFLOAD_BYTES && self.in_flight.get() >= BATCH_MIN_IN_FLIGHT {
+                // Parked until the end of the round, then done by the queue thread or in a
+                // worker's batch.
+                return self
+                    .batch
+                    .crypt(workers, self.tag, chunk, len, sector, encrypt, || {
+                        self.wait.wait(workers, self.slot)
+                    })
+                    .await;
+            }
+        }
+        let Some(workers) = self
+            .workers
+            .filter(|w| worth_offloading(len, self.in_flight.get(), overlapped, w.worker_idle()))
+        else {
+            return InlineCrypto(self.cipher)
+                .crypt(chunk, len, sector, encrypt)
+                .await;
+        };
+        workers.submit(self.slot, chunk, len, sector, encrypt);
+        self.wait.wait(workers, self.slot).await;
+        workers.finish(self.slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_large_pieces_with_other_work_meanwhile_are_offloaded() {
+        let (big, huge) = (MIN_OFFLOAD_BYTES, MAX_INLINE_WHEN_BUSY + 4096);
+        assert!(
+            !worth_offloading(4096, 64, true, true),
+            "small: always inline"
+        );
+        assert!(!worth_offloading(big - 512, 2, true, true));
+        assert!(!worth_offloading(big, 1, false, true), "alone: inline");
+        assert!(
+            !worth_offloading(256 << 10, 1, false, true),
+            "alone: inline"
+        );
+        assert!(worth_offloading(big, 2, false, true), "others in flight");
+        assert!(
+            worth_offloading(256 << 10, 1, true, false),
+            "next piece being read"
+        );
+        assert!(
+            !worth_offloading(big, 8, false, false),
+            "workers busy: inline"
+        );
+        assert!(!worth_offloading(MAX_INLINE_WHEN_BUSY, 8, false, false));
+        assert!(
+            worth_offloading(huge, 8, false, false),
+            "too big to hold the queue"
+        );
+    }
+}
