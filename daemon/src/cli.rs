@@ -180,8 +180,8 @@ pub struct OpenArgs {
 
     /// Pin each queue thread to the CPUs the kernel maps to its queue (libublk's default).
     /// Without it, queue threads run on any CPU the daemon may use, like dm-crypt's unbound
-    /// kcryptd: pinned, a queue thread shares one CPU with the task that submits to it, and in
-    /// the test VM two pinned queues served 4 KiB reads at 0.6–0.8× the speed of unpinned ones.
+    /// kcryptd: pinned, a queue thread shares one CPU with the task that submits to it (measured
+    /// in bench/results/history.md, "Fifth cost").
     #[arg(long)]
     pub pin_queues: bool,
 

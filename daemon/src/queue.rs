@@ -346,9 +346,8 @@ fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
 ///
 /// Why: pinned, a queue's thread runs on the very CPU whose tasks submit to it, so every request
 /// switches from the submitter to the daemon and back on one CPU while the other CPUs may idle;
-/// dm-crypt's kcryptd is unbound for the same reason. In the test VM (2 vCPUs, 2 queues) 4 KiB
-/// reads at queue depth 1 and 32 went from 0.6–0.8× to 0.85–1.05× dm-crypt unpinned, the same
-/// as one queue. `--pin-queues` keeps libublk's pinning.
+/// dm-crypt's kcryptd is unbound for the same reason (what it cost two queues in the test VM:
+/// bench/results/history.md, "Fifth cost"). `--pin-queues` keeps libublk's pinning.
 pub fn unpin_queue_threads(ctx: &DeviceContext) {
     use nix::sched::{sched_getaffinity, sched_setaffinity};
     use nix::unistd::Pid;

@@ -43,7 +43,7 @@ fn swap_on_ublk_crypt_survives_overcommit_and_oom() {
 /// recover` from a locked IO-flusher helper; every page of the hog verifies.
 ///
 /// /run stays a tmpfs, as on a real system: the daemon keeps its record and libublk's JSON
-/// locked in memory (`state::keep_in_memory`), so `recover` can read them although the rest of
+/// locked in memory (`records::keep_in_memory`), so `recover` can read them although the rest of
 /// /run may be in the swap it recovers. One workaround stands in for a daemon design change
 /// (tests/README.md, "OOM torture", "Crash and recovery"): 32 MiB held by the helper and freed
 /// at the kill, else the hog can take the dead daemon's memory and the recovering one finds
