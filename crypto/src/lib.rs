@@ -15,8 +15,13 @@
 //!   (AES-NI / VAES) block functions, which is what makes it fast: the `xts-mode` crate encrypts
 //!   one block at a time and runs about ten times slower.
 //!
+//! The XTS cores that use `core::arch` intrinsics live in one module, `xts_x86`, the only place
+//! `unsafe` is allowed (see crypto/README.md); they are chosen at run time ([`xts_tier`]).
+//!
 //! Nothing here allocates after construction, so the daemon may call [`SectorCipher::encrypt`] and
 //! [`SectorCipher::decrypt`] on its IO path.
+
+#![deny(unsafe_code)]
 
 mod backend;
 mod cbc;
@@ -24,10 +29,17 @@ mod error;
 mod key;
 mod sector;
 mod spec;
+mod tier;
 mod xts;
+// The one module with `unsafe`: fused AES-XTS on AES-NI / VAES, behind run-time detection.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod xts_x86;
 
 pub use backend::{aes_backend, AesBackend};
 pub use error::CryptoError;
 pub use key::{Key, PassphraseHash};
 pub use sector::{SectorCipher, SectorLayout, SECTOR_SHIFT};
 pub use spec::{ChainMode, CipherSpec, IvMode};
+pub use tier::{xts_tier, xts_tier_env_error, XtsTier, XTS_TIER_ENV};
+pub use xts::XtsCipher;

@@ -1,0 +1,245 @@
+//! The AES-NI tier (128-bit registers, eight blocks in flight), and the pieces every tier
+//! shares: key expansion, tweak encryption and the one-block path for unit tails.
+
+use core::arch::x86_64::*;
+
+use super::{load128, round_keys, store128, RoundKeys, TWEAK_BATCH};
+
+/// Blocks in flight. AESENC has a latency of about four cycles and issues once or twice a
+/// cycle, so eight independent blocks keep the AES unit busy.
+const LANES: usize = 8;
+
+/// One step of the AES key schedule: the word-wise prefix XOR of `a`, XORed with `b` (the
+/// `AESKEYGENASSIST` output, already broadcast to all four words).
+#[target_feature(enable = "sse2")]
+#[inline]
+fn expand_step(mut a: __m128i, b: __m128i) -> __m128i {
+    a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
+    a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
+    a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
+    _mm_xor_si128(a, b)
+}
+
+/// Expands an AES-128 or AES-256 key (16 or 32 bytes) into `enc` (round keys 0..=10 or
+/// 0..=14) and, if asked, the equivalent-inverse-cipher schedule into `dec`. Uses
+/// `AESKEYGENASSIST` (constant time, unlike a table-based schedule).
+///
+/// Calling it requires AES-NI (the caller's `// SAFETY:` names the detection).
+#[target_feature(enable = "aes")]
+pub(super) fn expand(key: &[u8], enc: &mut [[u8; 16]; 15], dec: Option<&mut [[u8; 16]; 15]>) {
+    let mut rk = [_mm_setzero_si128(); 15];
+    let nr = if key.len() == 16 {
+        rk[0] = load128(key.try_into().expect("16-byte key"));
+        macro_rules! step {
+            ($i:literal, $rcon:literal) => {
+                rk[$i] = expand_step(
+                    rk[$i - 1],
+                    _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(rk[$i - 1])),
+                );
+            };
+        }
+        step!(1, 0x01);
+        step!(2, 0x02);
+        step!(3, 0x04);
+        step!(4, 0x08);
+        step!(5, 0x10);
+        step!(6, 0x20);
+        step!(7, 0x40);
+        step!(8, 0x80);
+        step!(9, 0x1b);
+        step!(10, 0x36);
+        10
+    } else {
+        rk[0] = load128(key[..16].try_into().expect("32-byte key"));
+        rk[1] = load128(key[16..32].try_into().expect("32-byte key"));
+        // Even round keys take RotWord+SubWord+Rcon of the previous one, odd ones SubWord only.
+        macro_rules! even {
+            ($i:literal, $rcon:literal) => {
+                rk[$i] = expand_step(
+                    rk[$i - 2],
+                    _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(rk[$i - 1])),
+                );
+            };
+        }
+        macro_rules! odd {
+            ($i:literal) => {
+                rk[$i] = expand_step(
+                    rk[$i - 2],
+                    _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(rk[$i - 1])),
+                );
+            };
+        }
+        even!(2, 0x01);
+        odd!(3);
+        even!(4, 0x02);
+        odd!(5);
+        even!(6, 0x04);
+        odd!(7);
+        even!(8, 0x08);
+        odd!(9);
+        even!(10, 0x10);
+        odd!(11);
+        even!(12, 0x20);
+        odd!(13);
+        even!(14, 0x40);
+        14
+    };
+    for i in 0..=nr {
+        store128(&mut enc[i], rk[i]);
+    }
+    if let Some(dec) = dec {
+        store128(&mut dec[0], rk[nr]);
+        for i in 1..nr {
+            store128(&mut dec[i], _mm_aesimc_si128(rk[nr - i]));
+        }
+        store128(&mut dec[nr], rk[0]);
+    }
+    // Best effort: overwrite the local copy (it may have been spilled to the stack).
+    rk = [_mm_setzero_si128(); 15];
+    core::hint::black_box(&rk);
+}
+
+/// Encrypts the first `n` IVs of `t` in place with the tweak key schedule (`E_K2(IV)`, the
+/// first tweak of each unit), four at a time so their rounds overlap.
+///
+/// Calling it requires AES-NI.
+#[target_feature(enable = "aes")]
+pub(super) fn encrypt_tweaks(
+    sched: &[[u8; 16]; 15],
+    rounds: usize,
+    t: &mut [[u8; 16]; TWEAK_BATCH],
+    n: usize,
+) {
+    let used = &mut t[..n.div_ceil(4) * 4];
+    if rounds == 10 {
+        encrypt_blocks::<10>(sched, used);
+    } else {
+        encrypt_blocks::<14>(sched, used);
+    }
+}
+
+#[target_feature(enable = "aes")]
+#[inline]
+fn encrypt_blocks<const NR: usize>(sched: &[[u8; 16]; 15], blocks: &mut [[u8; 16]]) {
+    let rk = round_keys::<NR>(sched);
+    for group in blocks.chunks_exact_mut(4) {
+        let mut x = [_mm_setzero_si128(); 4];
+        for i in 0..4 {
+            x[i] = _mm_xor_si128(load128(&group[i]), rk[0]);
+        }
+        for k in &rk[1..NR] {
+            for xi in &mut x {
+                *xi = _mm_aesenc_si128(*xi, *k);
+            }
+        }
+        for i in 0..4 {
+            store128(&mut group[i], _mm_aesenclast_si128(x[i], rk[NR]));
+        }
+    }
+}
+
+/// One middle round: `AESENC` or, decrypting, `AESDEC` (equivalent inverse cipher).
+#[target_feature(enable = "aes")]
+#[inline]
+pub(super) fn round<const ENC: bool>(x: __m128i, k: __m128i) -> __m128i {
+    if ENC {
+        _mm_aesenc_si128(x, k)
+    } else {
+        _mm_aesdec_si128(x, k)
+    }
+}
+
+#[target_feature(enable = "aes")]
+#[inline]
+pub(super) fn last<const ENC: bool>(x: __m128i, k: __m128i) -> __m128i {
+    if ENC {
+        _mm_aesenclast_si128(x, k)
+    } else {
+        _mm_aesdeclast_si128(x, k)
+    }
+}
+
+/// One XTS block with tweak `t`: the path for the blocks of a unit that do not fill a vector
+/// group (only units whose length is not a multiple of the group; never 512–4096-byte
+/// sectors).
+#[target_feature(enable = "aes")]
+#[inline]
+pub(super) fn crypt_block<const NR: usize, const ENC: bool>(
+    rk: &[__m128i; 15],
+    t: __m128i,
+    b: &mut [u8; 16],
+) {
+    let mut x = _mm_xor_si128(load128(b), _mm_xor_si128(t, rk[0]));
+    for k in &rk[1..NR] {
+        x = round::<ENC>(x, *k);
+    }
+    store128(b, last::<ENC>(x, _mm_xor_si128(rk[NR], t)));
+}
+
+/// `v · x^K` in GF(2¹²⁸) (XTS's little-endian convention), for K ≤ 56 and R = 64 − K: shift
+/// both 64-bit halves left by K, carry the low half's top K bits into the high half, and fold
+/// the high half's top K bits back as their carry-less product with 0x87 (x¹²⁸ = x⁷+x²+x+1).
+#[target_feature(enable = "pclmulqdq")]
+#[inline]
+fn mul_x<const K: i32, const R: i32>(v: __m128i, poly: __m128i) -> __m128i {
+    const { assert!(K + R == 64 && K >= 1 && K <= 56) };
+    let carry = _mm_srli_epi64::<R>(v);
+    let folded = _mm_clmulepi64_si128::<0x01>(carry, poly);
+    let up = _mm_slli_si128::<8>(carry);
+    _mm_xor_si128(_mm_xor_si128(_mm_slli_epi64::<K>(v), up), folded)
+}
+
+/// Encrypts (`ENC`) or decrypts a batch of units; unit k's first tweak is `tweaks[k]`
+/// (already encrypted).
+///
+/// Calling it requires AES-NI and PCLMULQDQ.
+#[target_feature(enable = "aes,pclmulqdq")]
+pub(super) fn crypt<const NR: usize, const ENC: bool>(
+    keys: &RoundKeys,
+    batch: &mut [u8],
+    unit_len: usize,
+    tweaks: &[[u8; 16]; TWEAK_BATCH],
+) {
+    let rk = round_keys::<NR>(if ENC { &keys.data_enc } else { &keys.data_dec });
+    for (unit, t0) in batch.chunks_exact_mut(unit_len).zip(tweaks) {
+        crypt_unit::<NR, ENC>(&rk, load128(t0), unit);
+    }
+}
+
+#[target_feature(enable = "aes,pclmulqdq")]
+#[inline]
+fn crypt_unit<const NR: usize, const ENC: bool>(rk: &[__m128i; 15], t0: __m128i, unit: &mut [u8]) {
+    let poly = _mm_set_epi64x(0, 0x87);
+    // Tweaks of the next eight blocks, each computed from T0 directly (no serial chain).
+    let mut t = [
+        t0,
+        mul_x::<1, 63>(t0, poly),
+        mul_x::<2, 62>(t0, poly),
+        mul_x::<3, 61>(t0, poly),
+        mul_x::<4, 60>(t0, poly),
+        mul_x::<5, 59>(t0, poly),
+        mul_x::<6, 58>(t0, poly),
+        mul_x::<7, 57>(t0, poly),
+    ];
+    let (blocks, _) = unit.as_chunks_mut::<16>();
+    let mut groups = blocks.chunks_exact_mut(LANES);
+    for g in &mut groups {
+        let mut x = [_mm_setzero_si128(); LANES];
+        for i in 0..LANES {
+            x[i] = _mm_xor_si128(load128(&g[i]), _mm_xor_si128(t[i], rk[0]));
+        }
+        for k in &rk[1..NR] {
+            for xi in &mut x {
+                *xi = round::<ENC>(*xi, *k);
+            }
+        }
+        for i in 0..LANES {
+            store128(&mut g[i], last::<ENC>(x[i], _mm_xor_si128(rk[NR], t[i])));
+            t[i] = mul_x::<8, 56>(t[i], poly);
+        }
+    }
+    // Fewer than eight blocks left: t[0..] are exactly their tweaks.
+    for (b, ti) in groups.into_remainder().iter_mut().zip(t) {
+        crypt_block::<NR, ENC>(rk, ti, b);
+    }
+}
