@@ -54,7 +54,7 @@ fn mul_x_var(v: __m512i, k: __m512i) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
 #[inline]
 fn mul_x_step(v: __m512i) -> __m512i {
-    const { assert!(STEP % 8 == 0 && STEP <= 56) };
+    const { assert!(STEP.is_multiple_of(8) && STEP <= 56) };
     let poly = _mm512_broadcast_i32x4(_mm_set_epi64x(0, 0x87));
     let out = _mm512_bsrli_epi128::<{ 16 - STEP_BYTES }>(v);
     let folded = _mm512_clmulepi64_epi128::<0x00>(out, poly);
