@@ -52,11 +52,19 @@ fn mul_x_var(v: __m256i, k: __m256i) -> __m256i {
     fold(_mm256_sllv_epi64(v, k), _mm256_srlv_epi64(v, r))
 }
 
-/// `v · x^16`: the step from one group of sixteen blocks to the next.
+/// `v · x^16`, the step from one group of sixteen blocks to the next: each 128-bit lane
+/// shifted left by two whole bytes, and the 16 bits shifted out, c, folded back as c·0x87 =
+/// c ⊕ c≪1 ⊕ c≪2 ⊕ c≪7 (c sits alone in the low half after the byte shift right, so 64-bit
+/// shifts do not spill into the high half).
 #[target_feature(enable = "avx2")]
 #[inline]
 fn mul_x16(v: __m256i) -> __m256i {
-    fold(_mm256_slli_epi64::<16>(v), _mm256_srli_epi64::<48>(v))
+    let c = _mm256_bsrli_epi128::<14>(v);
+    let times_87 = _mm256_xor_si256(
+        _mm256_xor_si256(c, _mm256_slli_epi64::<1>(c)),
+        _mm256_xor_si256(_mm256_slli_epi64::<2>(c), _mm256_slli_epi64::<7>(c)),
+    );
+    _mm256_xor_si256(_mm256_bslli_epi128::<2>(v), times_87)
 }
 
 /// Encrypts (`ENC`) or decrypts a batch of units; unit k's first tweak is `tweaks[k]`.
