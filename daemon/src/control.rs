@@ -60,6 +60,10 @@ pub struct Status {
     /// what the cipher's speed depends on most.
     #[serde(default)]
     pub aes_backend: String,
+    /// The AES-XTS implementation in use (`vaes-avx512`, `vaes-avx2`, `aesni`, `portable`;
+    /// capped by `UBLK_CRYPT_XTS_TIER`).
+    #[serde(default)]
+    pub xts_tier: String,
 }
 
 fn status_of(ctx: &DeviceContext) -> Status {
@@ -95,6 +99,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         vm_rss_kib: rss,
         vm_lck_kib: lck,
         aes_backend: ublk_crypt_crypto::aes_backend().to_string(),
+        xts_tier: ublk_crypt_crypto::xts_tier().to_string(),
     }
 }
 
@@ -328,8 +333,8 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
         d.backing.display()
     );
     println!(
-        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}",
-        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend
+        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}, XTS tier {}",
+        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend, s.xts_tier
     );
     println!("  size:        {} sectors", d.size / 512);
     println!(
