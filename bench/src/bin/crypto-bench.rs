@@ -5,7 +5,7 @@
 //! core, same minute) — all in one run, one table.
 //!
 //! `cargo run --release -p ublk-crypt-bench --bin crypto-bench [-- --seconds S] [--markdown]
-//! [--openssl-newest PATH]` — S per measurement (default 0.5). Pin it to one core
+//! [--openssl-newest PATH] [--tiers vaes-avx512,aesni]` — S per measurement (default 0.5). Pin it to one core
 //! (`taskset -c 1`): the child inherits the affinity.
 //!
 //! Units of 512 B, 4 KiB and 64 KiB, both directions, AES-128-XTS and AES-256-XTS. ublk-crypt
@@ -113,9 +113,15 @@ fn main() {
         .to_string()
     });
 
+    // `--tiers a,b`: only these tiers (default: every tier the CPU has).
+    let only: Option<Vec<XtsTier>> = arg("--tiers").map(|s| {
+        s.split(',')
+            .map(|t| t.parse().unwrap_or_else(|e| panic!("--tiers: {e}")))
+            .collect()
+    });
     let tiers: Vec<XtsTier> = XtsTier::ALL
         .into_iter()
-        .filter(|t| t.is_supported())
+        .filter(|t| t.is_supported() && only.as_ref().is_none_or(|o| o.contains(t)))
         .collect();
     let configs: Vec<Config> = [512usize, 256]
         .into_iter()

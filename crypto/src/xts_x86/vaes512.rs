@@ -7,7 +7,7 @@ use super::aesni::crypt_block;
 use super::{load128, round_keys, RoundKeys, TWEAK_BATCH};
 
 /// Vectors in flight: with four blocks each, 16 blocks (a 512-byte sector is two iterations).
-const VECS: usize = 8;
+const VECS: usize = 4;
 /// The tweak step from one group to the next: x^(4·VECS).
 const STEP: u32 = 4 * VECS as u32;
 /// The same in bytes, for whole-lane byte shifts.
