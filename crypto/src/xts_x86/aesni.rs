@@ -3,6 +3,8 @@
 
 use core::arch::x86_64::*;
 
+use zeroize::Zeroize;
+
 use super::{load128, round_keys, store128, RoundKeys, TWEAK_BATCH};
 
 /// Blocks in flight. AESENC has a latency of about four cycles and issues once or twice a
@@ -20,15 +22,87 @@ fn expand_step(mut a: __m128i, b: __m128i) -> __m128i {
     _mm_xor_si128(a, b)
 }
 
-/// Expands an AES-128 or AES-256 key (16 or 32 bytes) into `enc` (round keys 0..=10 or
-/// 0..=14) and, if asked, the equivalent-inverse-cipher schedule into `dec`. Uses
-/// `AESKEYGENASSIST` (constant time, unlike a table-based schedule).
+/// One step of the AES-192 schedule (Intel's AES-NI white paper, `KEY_192_ASSIST`): `t1`
+/// takes the word-wise prefix XOR and the `AESKEYGENASSIST` word, `t3`'s low two words follow.
+#[target_feature(enable = "sse2")]
+#[inline]
+fn expand192_step(t1: &mut __m128i, assist: __m128i, t3: &mut __m128i) {
+    *t1 = expand_step(*t1, _mm_shuffle_epi32::<0x55>(assist));
+    let top = _mm_shuffle_epi32::<0xff>(*t1);
+    *t3 = _mm_xor_si128(_mm_xor_si128(*t3, _mm_slli_si128::<4>(*t3)), top);
+}
+
+/// The 64-bit halves (low of `a`, low of `b`) as one round key: `SHUFPD` with 0.
+#[target_feature(enable = "sse2")]
+#[inline]
+fn low_low(a: __m128i, b: __m128i) -> __m128i {
+    _mm_castpd_si128(_mm_shuffle_pd::<0>(
+        _mm_castsi128_pd(a),
+        _mm_castsi128_pd(b),
+    ))
+}
+
+/// (high of `a`, low of `b`): `SHUFPD` with 1.
+#[target_feature(enable = "sse2")]
+#[inline]
+fn high_low(a: __m128i, b: __m128i) -> __m128i {
+    _mm_castpd_si128(_mm_shuffle_pd::<1>(
+        _mm_castsi128_pd(a),
+        _mm_castsi128_pd(b),
+    ))
+}
+
+/// Expands an AES-128, AES-192 or AES-256 key (16, 24 or 32 bytes) into `enc` (round keys
+/// 0..=10, 12 or 14) and, if asked, the equivalent-inverse-cipher schedule into `dec`. Uses
+/// `AESKEYGENASSIST` (constant time, unlike a table-based schedule). Returns the rounds.
 ///
 /// Calling it requires AES-NI (the caller's `// SAFETY:` names the detection).
 #[target_feature(enable = "aes")]
-pub(super) fn expand(key: &[u8], enc: &mut [[u8; 16]; 15], dec: Option<&mut [[u8; 16]; 15]>) {
+pub(super) fn expand(
+    key: &[u8],
+    enc: &mut [[u8; 16]; 15],
+    dec: Option<&mut [[u8; 16]; 15]>,
+) -> usize {
     let mut rk = [_mm_setzero_si128(); 15];
-    let nr = if key.len() == 16 {
+    let nr = if key.len() == 24 {
+        let mut t1 = load128(key[..16].try_into().expect("24-byte key"));
+        let mut tail = [0u8; 16];
+        tail[..8].copy_from_slice(&key[16..24]);
+        let mut t3 = load128(&tail);
+        tail.zeroize();
+        rk[0] = t1;
+        // Six words per step, so round keys straddle steps: SHUFPD stitches the halves.
+        macro_rules! step {
+            ($rcon:literal) => {
+                expand192_step(&mut t1, _mm_aeskeygenassist_si128::<$rcon>(t3), &mut t3)
+            };
+        }
+        let k1 = t3;
+        step!(0x01);
+        rk[1] = low_low(k1, t1);
+        rk[2] = high_low(t1, t3);
+        step!(0x02);
+        rk[3] = t1;
+        let k4 = t3;
+        step!(0x04);
+        rk[4] = low_low(k4, t1);
+        rk[5] = high_low(t1, t3);
+        step!(0x08);
+        rk[6] = t1;
+        let k7 = t3;
+        step!(0x10);
+        rk[7] = low_low(k7, t1);
+        rk[8] = high_low(t1, t3);
+        step!(0x20);
+        rk[9] = t1;
+        let k10 = t3;
+        step!(0x40);
+        rk[10] = low_low(k10, t1);
+        rk[11] = high_low(t1, t3);
+        step!(0x80);
+        rk[12] = t1;
+        12
+    } else if key.len() == 16 {
         rk[0] = load128(key.try_into().expect("16-byte key"));
         macro_rules! step {
             ($i:literal, $rcon:literal) => {
@@ -97,6 +171,7 @@ pub(super) fn expand(key: &[u8], enc: &mut [[u8; 16]; 15], dec: Option<&mut [[u8
     // Best effort: overwrite the local copy (it may have been spilled to the stack).
     rk = [_mm_setzero_si128(); 15];
     core::hint::black_box(&rk);
+    nr
 }
 
 /// Encrypts the first `n` IVs of `t` in place with the tweak key schedule (`E_K2(IV)`, the
@@ -111,10 +186,10 @@ pub(super) fn encrypt_tweaks(
     n: usize,
 ) {
     let used = &mut t[..n.div_ceil(4) * 4];
-    if rounds == 10 {
-        encrypt_blocks::<10>(sched, used);
-    } else {
-        encrypt_blocks::<14>(sched, used);
+    match rounds {
+        10 => encrypt_blocks::<10>(sched, used),
+        12 => encrypt_blocks::<12>(sched, used),
+        _ => encrypt_blocks::<14>(sched, used),
     }
 }
 

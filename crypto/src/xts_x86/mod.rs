@@ -29,8 +29,11 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use crate::XtsTier;
 
 mod aesni;
+mod cbc;
 mod vaes256;
 mod vaes512;
+
+pub(crate) use cbc::FusedCbc;
 
 /// Units whose tweaks are encrypted together before their data: eight AES-NI blocks in flight
 /// twice, so short units (512-byte sectors) do not wait on one tweak encryption at a time.

@@ -12,7 +12,7 @@ use super::{load128, round_keys, RoundKeys, TWEAK_BATCH};
 const VECS: usize = 8;
 
 #[inline(always)]
-fn load256(b: &[u8; 32]) -> __m256i {
+pub(super) fn load256(b: &[u8; 32]) -> __m256i {
     // SAFETY: `b` points to 32 readable bytes (by type); unaligned load; AVX, implied by the
     // AVX2 this tier's detection requires, is enabled in every caller (all inline into
     // `crypt`, which enables "avx2").
@@ -20,7 +20,7 @@ fn load256(b: &[u8; 32]) -> __m256i {
 }
 
 #[inline(always)]
-fn store256(b: &mut [u8; 32], v: __m256i) {
+pub(super) fn store256(b: &mut [u8; 32], v: __m256i) {
     // SAFETY: `b` points to 32 writable bytes (by type); unaligned store; see `load256`.
     unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
 }
@@ -89,7 +89,7 @@ pub(super) fn crypt<const NR: usize, const ENC: bool>(
 
 #[target_feature(enable = "aes,vaes,avx2")]
 #[inline]
-fn round<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
+pub(super) fn round<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
     if ENC {
         _mm256_aesenc_epi128(x, k)
     } else {
@@ -99,7 +99,7 @@ fn round<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
 
 #[target_feature(enable = "aes,vaes,avx2")]
 #[inline]
-fn last<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
+pub(super) fn last<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
     if ENC {
         _mm256_aesenclast_epi128(x, k)
     } else {

@@ -14,14 +14,14 @@ const STEP: u32 = 4 * VECS as u32;
 const STEP_BYTES: i32 = (STEP / 8) as i32;
 
 #[inline(always)]
-fn load512(b: &[u8; 64]) -> __m512i {
+pub(super) fn load512(b: &[u8; 64]) -> __m512i {
     // SAFETY: `b` points to 64 readable bytes (by type); unaligned load; AVX-512F is enabled
     // in every caller (all inline into `crypt`, whose tier detection checked it).
     unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
 }
 
 #[inline(always)]
-fn store512(b: &mut [u8; 64], v: __m512i) {
+pub(super) fn store512(b: &mut [u8; 64], v: __m512i) {
     // SAFETY: `b` points to 64 writable bytes (by type); unaligned store; see `load512`.
     unsafe { _mm512_storeu_si512(b.as_mut_ptr().cast(), v) }
 }
@@ -63,7 +63,7 @@ fn mul_x_step(v: __m512i) -> __m512i {
 
 #[target_feature(enable = "avx512f,vaes")]
 #[inline]
-fn round<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
+pub(super) fn round<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
     if ENC {
         _mm512_aesenc_epi128(x, k)
     } else {
@@ -73,7 +73,7 @@ fn round<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
 
 #[target_feature(enable = "avx512f,vaes")]
 #[inline]
-fn last<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
+pub(super) fn last<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
     if ENC {
         _mm512_aesenclast_epi128(x, k)
     } else {

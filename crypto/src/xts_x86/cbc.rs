@@ -1,0 +1,307 @@
+//! CBC-ESSIV (dm-crypt's `aes-cbc-essiv:sha256`) on the same tiers as XTS.
+//!
+//! Decryption is parallel by nature (`P_j = D(C_j) ⊕ C_{j−1}`), so it gets the wide path: each
+//! group of blocks is loaded once, decrypted with several vectors in flight, and the XOR with
+//! the previous ciphertext block is folded into `AESDECLAST`'s key operand; the previous blocks
+//! come from the loaded registers by a lane shift (`VALIGNQ` / `VPERM2I128`), so in-place
+//! decryption never reads a block it has already overwritten. Encryption is serial within a
+//! sector (each block needs the previous ciphertext); it runs on AES-NI with the round keys in
+//! registers and four sectors interleaved, so four chains are in flight.
+//!
+//! The ESSIV IVs (`E_salt(le64(sector))`, salt = SHA-256 of the key) are encrypted sixteen
+//! sectors at a time with AES-NI.
+
+use core::arch::x86_64::*;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::vaes256::{load256, store256};
+use super::vaes512::{load512, store512};
+use super::{aesni, load128, round_keys, store128, vaes256, vaes512, X86Tier, TWEAK_BATCH};
+
+#[derive(Zeroize, ZeroizeOnDrop)]
+#[repr(C, align(64))]
+struct CbcKeys {
+    enc: [[u8; 16]; 15],
+    /// Equivalent-inverse-cipher schedule for `AESDEC`.
+    dec: [[u8; 16]; 15],
+    /// The ESSIV key (AES-256), for the IVs.
+    essiv: [[u8; 16]; 15],
+}
+
+/// AES-CBC with ESSIV IVs, restarted at every sector, on one fused tier.
+pub(crate) struct FusedCbc {
+    keys: Box<CbcKeys>,
+    /// 10, 12 or 14.
+    rounds: usize,
+    /// Checked against the CPU by [`FusedCbc::new`]: what every `unsafe` call below relies on.
+    tier: X86Tier,
+}
+
+impl FusedCbc {
+    /// `key`: 16, 24 or 32 bytes; `salt`: the ESSIV key. `None` if the CPU lacks `tier`.
+    pub(crate) fn new(key: &[u8], salt: &[u8; 32], tier: X86Tier) -> Option<FusedCbc> {
+        if !tier.is_supported() || ![16, 24, 32].contains(&key.len()) {
+            return None;
+        }
+        let mut keys = Box::new(CbcKeys {
+            enc: [[0; 16]; 15],
+            dec: [[0; 16]; 15],
+            essiv: [[0; 16]; 15],
+        });
+        // SAFETY: `tier.is_supported()` was checked above and every tier includes AES-NI,
+        // all that `aesni::expand` enables; it writes only into `keys`.
+        let rounds = unsafe {
+            aesni::expand(salt, &mut keys.essiv, None);
+            aesni::expand(key, &mut keys.enc, Some(&mut keys.dec))
+        };
+        Some(FusedCbc { keys, rounds, tier })
+    }
+
+    pub(crate) fn tier(&self) -> X86Tier {
+        self.tier
+    }
+
+    /// Encrypts (or decrypts) whole `sector_size`-byte sectors (a multiple of 256 bytes: the
+    /// widest group; dm-crypt sectors are 512–4096); sector k's IV before ESSIV is `iv_of(k)`.
+    pub(crate) fn crypt(
+        &self,
+        data: &mut [u8],
+        sector_size: usize,
+        iv_of: impl Fn(usize) -> [u8; 16],
+        encrypt: bool,
+    ) {
+        // Not a safety condition (the cores stay in bounds by construction), but a remainder
+        // would be left unprocessed: refuse instead.
+        assert!(sector_size > 0 && sector_size.is_multiple_of(256));
+        assert!(data.len().is_multiple_of(sector_size));
+        let k = &*self.keys;
+        let mut ivs = [[0u8; 16]; TWEAK_BATCH];
+        let mut first = 0usize;
+        for batch in data.chunks_mut(sector_size * TWEAK_BATCH) {
+            let n = batch.len() / sector_size;
+            for (i, iv) in ivs[..n].iter_mut().enumerate() {
+                *iv = iv_of(first + i);
+            }
+            // SAFETY (every call below): `self.tier` passed `is_supported()` in `new`, which
+            // detects every feature the called function enables (AES-NI is in every tier);
+            // buffers are walked with `chunks_exact_mut` / `as_chunks_mut` only.
+            unsafe {
+                aesni::encrypt_tweaks(&k.essiv, 14, &mut ivs, n);
+                match (encrypt, self.tier, self.rounds) {
+                    (true, _, 10) => encrypt_sectors::<10>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, 12) => encrypt_sectors::<12>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, _) => encrypt_sectors::<14>(&k.enc, batch, sector_size, &ivs),
+                    (false, X86Tier::AesNi, 10) => {
+                        decrypt_xmm::<10>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::AesNi, 12) => {
+                        decrypt_xmm::<12>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::AesNi, _) => {
+                        decrypt_xmm::<14>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx2, 10) => {
+                        decrypt_ymm::<10>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx2, 12) => {
+                        decrypt_ymm::<12>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx2, _) => {
+                        decrypt_ymm::<14>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx512, 10) => {
+                        decrypt_zmm::<10>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx512, 12) => {
+                        decrypt_zmm::<12>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx512, _) => {
+                        decrypt_zmm::<14>(&k.dec, batch, sector_size, &ivs)
+                    }
+                }
+            }
+            first += n;
+        }
+        ivs.zeroize();
+    }
+}
+
+/// CBC encryption of a batch of sectors, four sector chains interleaved (then one at a time
+/// for the rest). Requires AES-NI.
+#[target_feature(enable = "aes")]
+fn encrypt_sectors<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    let rk = round_keys::<NR>(sched);
+    let mut ivs = ivs.iter();
+    let mut groups = batch.chunks_exact_mut(4 * sector_size);
+    for group in &mut groups {
+        let (s0, rest) = group.split_at_mut(sector_size);
+        let (s1, rest) = rest.split_at_mut(sector_size);
+        let (s2, s3) = rest.split_at_mut(sector_size);
+        let mut chains = [s0, s1, s2, s3].map(|s| s.as_chunks_mut::<16>().0);
+        let mut prev = [_mm_setzero_si128(); 4];
+        for p in &mut prev {
+            *p = load128(ivs.next().expect("one IV per sector"));
+        }
+        encrypt_chains::<NR, 4>(&rk, &mut chains, prev);
+    }
+    for sector in groups.into_remainder().chunks_exact_mut(sector_size) {
+        let iv = load128(ivs.next().expect("one IV per sector"));
+        encrypt_chains::<NR, 1>(&rk, &mut [sector.as_chunks_mut::<16>().0], [iv]);
+    }
+}
+
+/// `S` CBC chains of equal length, block j of every chain in flight together.
+#[target_feature(enable = "aes")]
+#[inline]
+fn encrypt_chains<const NR: usize, const S: usize>(
+    rk: &[__m128i; 15],
+    chains: &mut [&mut [[u8; 16]]; S],
+    mut prev: [__m128i; S],
+) {
+    let blocks = chains[0].len();
+    // `j` walks all S chains in lockstep: an index is the plain way to say so.
+    #[allow(clippy::needless_range_loop)]
+    for j in 0..blocks {
+        let mut x = [_mm_setzero_si128(); S];
+        for s in 0..S {
+            x[s] = _mm_xor_si128(load128(&chains[s][j]), _mm_xor_si128(prev[s], rk[0]));
+        }
+        for k in &rk[1..NR] {
+            for xs in &mut x {
+                *xs = _mm_aesenc_si128(*xs, *k);
+            }
+        }
+        for s in 0..S {
+            prev[s] = _mm_aesenclast_si128(x[s], rk[NR]);
+            store128(&mut chains[s][j], prev[s]);
+        }
+    }
+}
+
+/// Wide CBC decryption, AES-NI: eight blocks in flight. Requires AES-NI.
+#[target_feature(enable = "aes")]
+fn decrypt_xmm<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    let rk = round_keys::<NR>(sched);
+    for (sector, iv) in batch.chunks_exact_mut(sector_size).zip(ivs) {
+        let mut prev = load128(iv);
+        let (blocks, _) = sector.as_chunks_mut::<16>();
+        for g in blocks.chunks_exact_mut(8) {
+            let mut c = [_mm_setzero_si128(); 8];
+            let mut x = [_mm_setzero_si128(); 8];
+            for i in 0..8 {
+                c[i] = load128(&g[i]);
+                x[i] = _mm_xor_si128(c[i], rk[0]);
+            }
+            for k in &rk[1..NR] {
+                for xi in &mut x {
+                    *xi = aesni::round::<false>(*xi, *k);
+                }
+            }
+            for i in 0..8 {
+                let p = if i == 0 { prev } else { c[i - 1] };
+                store128(
+                    &mut g[i],
+                    aesni::last::<false>(x[i], _mm_xor_si128(rk[NR], p)),
+                );
+            }
+            prev = c[7];
+        }
+    }
+}
+
+/// Wide CBC decryption, VAES + AVX2: eight ymm vectors (16 blocks) in flight.
+#[target_feature(enable = "aes,vaes,avx2")]
+fn decrypt_ymm<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    let rk1 = round_keys::<NR>(sched);
+    let mut rk = [_mm256_setzero_si256(); 15];
+    for i in 0..=NR {
+        rk[i] = _mm256_broadcastsi128_si256(rk1[i]);
+    }
+    for (sector, iv) in batch.chunks_exact_mut(sector_size).zip(ivs) {
+        // The block before the first: the IV, in the high lane (both lanes: broadcast).
+        let mut prev = _mm256_broadcastsi128_si256(load128(iv));
+        let (vecs, _) = sector.as_chunks_mut::<32>();
+        for g in vecs.chunks_exact_mut(8) {
+            let mut c = [_mm256_setzero_si256(); 8];
+            let mut x = [_mm256_setzero_si256(); 8];
+            for i in 0..8 {
+                c[i] = load256(&g[i]);
+                x[i] = _mm256_xor_si256(c[i], rk[0]);
+            }
+            for k in &rk[1..NR] {
+                for xi in &mut x {
+                    *xi = vaes256::round::<false>(*xi, *k);
+                }
+            }
+            for i in 0..8 {
+                let before = if i == 0 { prev } else { c[i - 1] };
+                // (high lane of `before`, low lane of c[i]): the blocks preceding c[i]'s.
+                let p = _mm256_permute2x128_si256::<0x21>(before, c[i]);
+                store256(
+                    &mut g[i],
+                    vaes256::last::<false>(x[i], _mm256_xor_si256(rk[NR], p)),
+                );
+            }
+            prev = c[7];
+        }
+    }
+}
+
+/// Wide CBC decryption, VAES + AVX-512: four zmm vectors (16 blocks) in flight.
+#[target_feature(enable = "aes,vaes,avx512f")]
+fn decrypt_zmm<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    let rk1 = round_keys::<NR>(sched);
+    let mut rk = [_mm512_setzero_si512(); 15];
+    for i in 0..=NR {
+        rk[i] = _mm512_broadcast_i32x4(rk1[i]);
+    }
+    for (sector, iv) in batch.chunks_exact_mut(sector_size).zip(ivs) {
+        // The block before the first: the IV, in the top lane (every lane: broadcast).
+        let mut prev = _mm512_broadcast_i32x4(load128(iv));
+        let (vecs, _) = sector.as_chunks_mut::<64>();
+        for g in vecs.chunks_exact_mut(4) {
+            let mut c = [_mm512_setzero_si512(); 4];
+            let mut x = [_mm512_setzero_si512(); 4];
+            for i in 0..4 {
+                c[i] = load512(&g[i]);
+                x[i] = _mm512_xor_si512(c[i], rk[0]);
+            }
+            for k in &rk[1..NR] {
+                for xi in &mut x {
+                    *xi = vaes512::round::<false>(*xi, *k);
+                }
+            }
+            for i in 0..4 {
+                let before = if i == 0 { prev } else { c[i - 1] };
+                // (top lane of `before`, lanes 0–2 of c[i]): the blocks preceding c[i]'s.
+                let p = _mm512_alignr_epi64::<6>(c[i], before);
+                store512(
+                    &mut g[i],
+                    vaes512::last::<false>(x[i], _mm512_xor_si512(rk[NR], p)),
+                );
+            }
+            prev = c[3];
+        }
+    }
+}
