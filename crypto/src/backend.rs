@@ -1,5 +1,5 @@
-//! Which of the `aes` crate's implementations runs on this CPU: what CBC-ESSIV and the portable
-//! XTS tier run on (XTS normally runs on a fused core: [`crate::xts_tier`]).
+//! Which of the `aes` crate's implementations runs on this CPU: what the portable tier runs on
+//! (XTS and CBC normally run on a fused core: [`crate::xts_tier`]).
 //!
 //! The `aes` crate picks its backend at run time through `cpufeatures`: VAES with AVX-512
 //! (four blocks per instruction), VAES-256 (two), AES-NI (one), or portable software. The choice
@@ -15,7 +15,7 @@
 //! (its intrinsics are not inlined into code compiled without the feature), while the same code
 //! built with `-C target-feature=+vaes,+avx2` was 15 % faster. Getting the latter at run time
 //! needs an `unsafe` call into a `#[target_feature]` function — which the fused XTS cores
-//! (src/xts_x86/) now make for XTS, their own cores rather than the `aes` crate's.
+//! (src/xts_x86/) now make, with their own cores rather than the `aes` crate's.
 
 /// The AES implementation the `aes` crate uses on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

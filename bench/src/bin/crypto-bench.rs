@@ -282,8 +282,8 @@ fn main() {
     println!(
         "ublk-crypt: one XtsCipher call per {} KiB buffer of units (tweak encrypted once per unit); \
          OpenSSL ready = one EVP update per unit on a ready context (`openssl speed -evp`); \
-         iv-reset = a new IV per unit (sector by sector). CBC encryption (aes-cbc-essiv) is serial \
-         by nature and not shown.",
+         iv-reset = a new IV per unit (sector by sector). CBC-ESSIV is not shown (`ublk-crypt benchmark` \
+         has it): its encryption is serial within a sector by nature.",
         BUF >> 10
     );
 }

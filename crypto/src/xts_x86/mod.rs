@@ -1,4 +1,5 @@
-//! Fused AES-XTS on x86-64: AES-NI (xmm), VAES + AVX2 (ymm) and VAES + AVX-512 (zmm).
+//! Fused AES-XTS on x86-64: AES-NI (xmm), VAES + AVX2 (ymm) and VAES + AVX-512 (zmm); and
+//! CBC-ESSIV on the same tiers (cbc.rs).
 //!
 //! This module tree is the only place in the crate with `unsafe` (the crate root denies it
 //! elsewhere). Why it exists: XTS done as separate passes (tweak XOR, batched AES, tweak XOR)
