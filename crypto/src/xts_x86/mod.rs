@@ -19,7 +19,8 @@
 //!   with [`X86Tier::is_supported`] (run-time detection), and only calls that tier's functions.
 //! - Vector loads and stores (`load128`/`store128` … `load512`/`store512`) take `&[u8; N]` /
 //!   `&mut [u8; N]`, so the N bytes they touch are in bounds by type; they use the unaligned
-//!   forms, so no alignment is assumed.
+//!   forms, so no alignment is assumed. The 256- and 512-bit ones are `#[target_feature]`
+//!   functions themselves, so the compiler checks that their callers have the features.
 //!   Everything else in the cores is safe Rust: intrinsics are safe to call inside functions
 //!   that enable their features.
 
@@ -214,7 +215,7 @@ impl FusedXts {
 }
 
 /// Loads 16 bytes. Safe wrapper: the reference guarantees 16 readable bytes; `loadu` allows
-/// any alignment.
+/// any alignment; SSE2 is part of every x86-64 CPU, so no feature check is needed.
 #[inline(always)]
 fn load128(b: &[u8; 16]) -> __m128i {
     // SAFETY: `b` points to 16 readable bytes (by type); SSE2 is part of x86-64; unaligned load.

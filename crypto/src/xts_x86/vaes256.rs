@@ -11,17 +11,20 @@ use super::{load128, round_keys, RoundKeys, TWEAK_BATCH};
 /// Vectors in flight: 16 blocks, so a 512-byte sector is two iterations.
 const VECS: usize = 8;
 
-#[inline(always)]
+/// Loads 32 bytes. A `#[target_feature]` function, so only code that has AVX enabled can
+/// call it without `unsafe`.
+#[target_feature(enable = "avx")]
+#[inline]
 pub(super) fn load256(b: &[u8; 32]) -> __m256i {
-    // SAFETY: `b` points to 32 readable bytes (by type); unaligned load; AVX, implied by the
-    // AVX2 this tier's detection requires, is enabled in every caller (all inline into
-    // `crypt`, which enables "avx2").
+    // SAFETY: `b` points to 32 readable bytes (by type); the unaligned load assumes no
+    // alignment; AVX is enabled by this function's own attribute.
     unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx")]
+#[inline]
 pub(super) fn store256(b: &mut [u8; 32], v: __m256i) {
-    // SAFETY: `b` points to 32 writable bytes (by type); unaligned store; see `load256`.
+    // SAFETY: `b` points to 32 writable bytes (by type); unaligned store; AVX enabled above.
     unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
 }
 

@@ -13,16 +13,21 @@ const STEP: u32 = 4 * VECS as u32;
 /// The same in bytes, for whole-lane byte shifts.
 const STEP_BYTES: i32 = (STEP / 8) as i32;
 
-#[inline(always)]
+/// Loads 64 bytes. A `#[target_feature]` function, so only code that has AVX-512F enabled
+/// can call it without `unsafe`.
+#[target_feature(enable = "avx512f")]
+#[inline]
 pub(super) fn load512(b: &[u8; 64]) -> __m512i {
-    // SAFETY: `b` points to 64 readable bytes (by type); unaligned load; AVX-512F is enabled
-    // in every caller (all inline into `crypt`, whose tier detection checked it).
+    // SAFETY: `b` points to 64 readable bytes (by type); the unaligned load assumes no
+    // alignment; AVX-512F is enabled by this function's own attribute.
     unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx512f")]
+#[inline]
 pub(super) fn store512(b: &mut [u8; 64], v: __m512i) {
-    // SAFETY: `b` points to 64 writable bytes (by type); unaligned store; see `load512`.
+    // SAFETY: `b` points to 64 writable bytes (by type); unaligned store; AVX-512F enabled
+    // above.
     unsafe { _mm512_storeu_si512(b.as_mut_ptr().cast(), v) }
 }
 
