@@ -288,6 +288,34 @@ pub(super) fn crypt<const NR: usize, const ENC: bool>(
     unit_len: usize,
     tweaks: &[[u8; 16]; TWEAK_BATCH],
 ) {
+    crypt_body::<NR, ENC>(keys, batch, unit_len, tweaks);
+}
+
+/// [`crypt`] compiled with AVX as well, for AES-NI CPUs that have it (Sandy Bridge to
+/// Skylake, Zen 1/2; and any CPU capped to this tier): the VEX three-operand forms spare the
+/// register copies that sixteen xmm registers and two-operand SSE need (measured +8–10 %).
+///
+/// Calling it requires AES-NI, PCLMULQDQ and AVX.
+#[target_feature(enable = "aes,pclmulqdq,avx")]
+pub(super) fn crypt_avx<const NR: usize, const ENC: bool>(
+    keys: &RoundKeys,
+    batch: &mut [u8],
+    unit_len: usize,
+    tweaks: &[[u8; 16]; TWEAK_BATCH],
+) {
+    crypt_body::<NR, ENC>(keys, batch, unit_len, tweaks);
+}
+
+/// The body of [`crypt`] and [`crypt_avx`]: inlined into each, it is compiled with the
+/// caller's features.
+#[target_feature(enable = "aes,pclmulqdq")]
+#[inline]
+fn crypt_body<const NR: usize, const ENC: bool>(
+    keys: &RoundKeys,
+    batch: &mut [u8],
+    unit_len: usize,
+    tweaks: &[[u8; 16]; TWEAK_BATCH],
+) {
     let rk = round_keys::<NR>(if ENC { &keys.data_enc } else { &keys.data_dec });
     for (unit, t0) in batch.chunks_exact_mut(unit_len).zip(tweaks) {
         crypt_unit::<NR, ENC>(&rk, load128(t0), unit);

@@ -110,6 +110,8 @@ pub(crate) struct FusedXts {
     /// Checked by [`FusedXts::new`] against the CPU: the invariant every `unsafe` call of the
     /// tier functions below relies on.
     tier: X86Tier,
+    /// The `aesni` tier on a CPU with AVX (detected in `new`): `aesni::crypt_avx`.
+    aesni_avx: bool,
 }
 
 impl FusedXts {
@@ -134,6 +136,7 @@ impl FusedXts {
             keys,
             rounds: if key.len() == 32 { 10 } else { 14 },
             tier,
+            aesni_avx: tier == X86Tier::AesNi && is_x86_feature_detected!("avx"),
         })
     }
 
@@ -163,19 +166,32 @@ impl FusedXts {
                 *t = iv_of(first + i);
             }
             // SAFETY (every call below): `self.tier` passed `is_supported()` in `new`, which
-            // detects every feature the called function enables; slices are passed whole and
-            // the cores index them only through `as_chunks` / `chunks_exact`.
+            // detects every feature the called function enables (and `aesni::crypt_avx` is
+            // called only when `new` also detected AVX); slices are passed whole and the cores
+            // index them only through `as_chunks` / `chunks_exact`.
             unsafe {
                 aesni::encrypt_tweaks(&k.tweak_enc, self.rounds, &mut tweaks, n);
                 match (self.tier, self.rounds, encrypt) {
+                    (X86Tier::AesNi, 10, true) if self.aesni_avx => {
+                        aesni::crypt_avx::<10, true>(k, batch, unit_len, &tweaks)
+                    }
                     (X86Tier::AesNi, 10, true) => {
                         aesni::crypt::<10, true>(k, batch, unit_len, &tweaks)
+                    }
+                    (X86Tier::AesNi, 10, false) if self.aesni_avx => {
+                        aesni::crypt_avx::<10, false>(k, batch, unit_len, &tweaks)
                     }
                     (X86Tier::AesNi, 10, false) => {
                         aesni::crypt::<10, false>(k, batch, unit_len, &tweaks)
                     }
+                    (X86Tier::AesNi, _, true) if self.aesni_avx => {
+                        aesni::crypt_avx::<14, true>(k, batch, unit_len, &tweaks)
+                    }
                     (X86Tier::AesNi, _, true) => {
                         aesni::crypt::<14, true>(k, batch, unit_len, &tweaks)
+                    }
+                    (X86Tier::AesNi, _, false) if self.aesni_avx => {
+                        aesni::crypt_avx::<14, false>(k, batch, unit_len, &tweaks)
                     }
                     (X86Tier::AesNi, _, false) => {
                         aesni::crypt::<14, false>(k, batch, unit_len, &tweaks)
@@ -243,6 +259,50 @@ fn round_keys<const NR: usize>(s: &[[u8; 16]; 15]) -> [__m128i; 15] {
 mod tests {
     use super::*;
     use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
+
+    /// The `aesni` tier's two builds (SSE only, and with AVX) give the portable tier's bytes;
+    /// the integration tests reach only the build the CPU picks.
+    #[test]
+    fn aesni_with_and_without_avx_match_portable() {
+        if !X86Tier::AesNi.is_supported() {
+            return;
+        }
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for key_len in [32usize, 64] {
+            for unit_len in [16usize, 48, 128, 144, 512, 4096] {
+                let key: Vec<u8> = (0..key_len).map(|_| next() as u8).collect();
+                let data: Vec<u8> = (0..unit_len * 5).map(|_| next() as u8).collect();
+                let iv_of = |k: usize| {
+                    let mut iv = [0u8; 16];
+                    iv[..8].copy_from_slice(&(k as u64 * 977).to_le_bytes());
+                    iv
+                };
+                let mut want = data.clone();
+                crate::XtsCipher::with_tier(&key, XtsTier::Portable)
+                    .unwrap()
+                    .encrypt(&mut want, unit_len, iv_of)
+                    .unwrap();
+                for avx in [false, true] {
+                    if avx && !is_x86_feature_detected!("avx") {
+                        continue;
+                    }
+                    let mut x = FusedXts::new(&key, X86Tier::AesNi).unwrap();
+                    x.aesni_avx = avx;
+                    let mut got = data.clone();
+                    x.crypt(&mut got, unit_len, iv_of, true);
+                    assert!(got == want, "avx {avx} key {key_len} unit {unit_len}");
+                    x.crypt(&mut got, unit_len, iv_of, false);
+                    assert!(got == data, "avx {avx} key {key_len} unit {unit_len}");
+                }
+            }
+        }
+    }
 
     /// The AES-NI key schedule encrypts and decrypts single blocks exactly as the `aes` crate.
     #[test]
