@@ -36,6 +36,8 @@ pub(crate) struct FusedCbc {
     rounds: usize,
     /// Checked against the CPU by [`FusedCbc::new`]: what every `unsafe` call below relies on.
     tier: X86Tier,
+    /// AVX detected in `new` (every VAES tier has it): the xmm cores' AVX builds run.
+    avx: bool,
 }
 
 impl FusedCbc {
@@ -55,7 +57,13 @@ impl FusedCbc {
             aesni::expand(salt, &mut keys.essiv, None);
             aesni::expand(key, &mut keys.enc, Some(&mut keys.dec))
         };
-        Some(FusedCbc { keys, rounds, tier })
+        let avx = is_x86_feature_detected!("avx");
+        Some(FusedCbc {
+            keys,
+            rounds,
+            tier,
+            avx,
+        })
     }
 
     pub(crate) fn tier(&self) -> X86Tier {
@@ -84,39 +92,52 @@ impl FusedCbc {
                 *iv = iv_of(first + i);
             }
             // SAFETY (every call below): `self.tier` passed `is_supported()` in `new`, which
-            // detects every feature the called function enables (AES-NI is in every tier);
+            // detects every feature the called function enables (AES-NI is in every tier; the
+            // `_avx` builds run only when `new` detected AVX);
             // buffers are walked with `chunks_exact_mut` / `as_chunks_mut` only.
             unsafe {
                 aesni::encrypt_tweaks(&k.essiv, 14, &mut ivs, n);
-                match (encrypt, self.tier, self.rounds) {
-                    (true, _, 10) => encrypt_sectors::<10>(&k.enc, batch, sector_size, &ivs),
-                    (true, _, 12) => encrypt_sectors::<12>(&k.enc, batch, sector_size, &ivs),
-                    (true, _, _) => encrypt_sectors::<14>(&k.enc, batch, sector_size, &ivs),
-                    (false, X86Tier::AesNi, 10) => {
-                        decrypt_xmm::<10>(&k.dec, batch, sector_size, &ivs)
+                match (encrypt, self.tier, self.rounds, self.avx) {
+                    (true, _, 10, true) => encrypt_avx::<10>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, 12, true) => encrypt_avx::<12>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, _, true) => encrypt_avx::<14>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, 10, false) => encrypt_sse::<10>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, 12, false) => encrypt_sse::<12>(&k.enc, batch, sector_size, &ivs),
+                    (true, _, _, false) => encrypt_sse::<14>(&k.enc, batch, sector_size, &ivs),
+                    (false, X86Tier::AesNi, 10, true) => {
+                        decrypt_xmm_avx::<10>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::AesNi, 12) => {
-                        decrypt_xmm::<12>(&k.dec, batch, sector_size, &ivs)
+                    (false, X86Tier::AesNi, 12, true) => {
+                        decrypt_xmm_avx::<12>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::AesNi, _) => {
-                        decrypt_xmm::<14>(&k.dec, batch, sector_size, &ivs)
+                    (false, X86Tier::AesNi, _, true) => {
+                        decrypt_xmm_avx::<14>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::VaesAvx2, 10) => {
+                    (false, X86Tier::AesNi, 10, false) => {
+                        decrypt_xmm_sse::<10>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::AesNi, 12, false) => {
+                        decrypt_xmm_sse::<12>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::AesNi, _, false) => {
+                        decrypt_xmm_sse::<14>(&k.dec, batch, sector_size, &ivs)
+                    }
+                    (false, X86Tier::VaesAvx2, 10, _) => {
                         decrypt_ymm::<10>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::VaesAvx2, 12) => {
+                    (false, X86Tier::VaesAvx2, 12, _) => {
                         decrypt_ymm::<12>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::VaesAvx2, _) => {
+                    (false, X86Tier::VaesAvx2, _, _) => {
                         decrypt_ymm::<14>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::VaesAvx512, 10) => {
+                    (false, X86Tier::VaesAvx512, 10, _) => {
                         decrypt_zmm::<10>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::VaesAvx512, 12) => {
+                    (false, X86Tier::VaesAvx512, 12, _) => {
                         decrypt_zmm::<12>(&k.dec, batch, sector_size, &ivs)
                     }
-                    (false, X86Tier::VaesAvx512, _) => {
+                    (false, X86Tier::VaesAvx512, _, _) => {
                         decrypt_zmm::<14>(&k.dec, batch, sector_size, &ivs)
                     }
                 }
@@ -127,9 +148,32 @@ impl FusedCbc {
     }
 }
 
-/// CBC encryption of a batch of sectors, four sector chains interleaved (then one at a time
-/// for the rest). Requires AES-NI.
+/// [`encrypt_sectors`] built for SSE only. Requires AES-NI.
 #[target_feature(enable = "aes")]
+fn encrypt_sse<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    encrypt_sectors::<NR>(sched, batch, sector_size, ivs);
+}
+
+/// [`encrypt_sectors`] built with AVX (VEX three-operand forms). Requires AES-NI and AVX.
+#[target_feature(enable = "aes,avx")]
+fn encrypt_avx<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    encrypt_sectors::<NR>(sched, batch, sector_size, ivs);
+}
+
+/// CBC encryption of a batch of sectors, four sector chains interleaved (then one at a time
+/// for the rest); inlined into its SSE and AVX builds.
+#[target_feature(enable = "aes")]
+#[inline]
 fn encrypt_sectors<const NR: usize>(
     sched: &[[u8; 16]; 15],
     batch: &mut [u8],
@@ -184,8 +228,31 @@ fn encrypt_chains<const NR: usize, const S: usize>(
     }
 }
 
-/// Wide CBC decryption, AES-NI: eight blocks in flight. Requires AES-NI.
+/// [`decrypt_xmm`] built for SSE only. Requires AES-NI.
 #[target_feature(enable = "aes")]
+fn decrypt_xmm_sse<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    decrypt_xmm::<NR>(sched, batch, sector_size, ivs);
+}
+
+/// [`decrypt_xmm`] built with AVX. Requires AES-NI and AVX.
+#[target_feature(enable = "aes,avx")]
+fn decrypt_xmm_avx<const NR: usize>(
+    sched: &[[u8; 16]; 15],
+    batch: &mut [u8],
+    sector_size: usize,
+    ivs: &[[u8; 16]; TWEAK_BATCH],
+) {
+    decrypt_xmm::<NR>(sched, batch, sector_size, ivs);
+}
+
+/// Wide CBC decryption, AES-NI: eight blocks in flight; inlined into its SSE and AVX builds.
+#[target_feature(enable = "aes")]
+#[inline]
 fn decrypt_xmm<const NR: usize>(
     sched: &[[u8; 16]; 15],
     batch: &mut [u8],
@@ -302,6 +369,59 @@ fn decrypt_zmm<const NR: usize>(
                 );
             }
             prev = c[3];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CipherSpec, Key, SectorCipher, SectorLayout, XtsTier};
+
+    /// The xmm cores' two builds (SSE only, and with AVX) give the portable tier's bytes; the
+    /// integration tests reach only the build the CPU picks.
+    #[test]
+    fn sse_and_avx_builds_match_portable() {
+        if !X86Tier::AesNi.is_supported() {
+            return;
+        }
+        let spec: CipherSpec = "aes-cbc-essiv:sha256".parse().unwrap();
+        for key_len in [16usize, 24, 32] {
+            let key: Vec<u8> = (0..key_len).map(|i| (i * 53 + 9) as u8).collect();
+            let salt: [u8; 32] = {
+                use sha2::{Digest, Sha256};
+                Sha256::digest(&key).into()
+            };
+            let iv_of = |k: usize| {
+                let mut iv = [0u8; 16];
+                iv[..8].copy_from_slice(&(k as u64 + 40).to_le_bytes());
+                iv
+            };
+            for sectors in [1usize, 3, 4, 7] {
+                let data: Vec<u8> = (0..512 * sectors).map(|i| (i * 7 + 1) as u8).collect();
+                let mut want = data.clone();
+                SectorCipher::with_xts_tier(
+                    spec,
+                    &Key::from_bytes(&key),
+                    SectorLayout::default(),
+                    XtsTier::Portable,
+                )
+                .unwrap()
+                .encrypt(40, &mut want)
+                .unwrap();
+                for avx in [false, true] {
+                    if avx && !is_x86_feature_detected!("avx") {
+                        continue;
+                    }
+                    let mut c = FusedCbc::new(&key, &salt, X86Tier::AesNi).unwrap();
+                    c.avx = avx;
+                    let mut got = data.clone();
+                    c.crypt(&mut got, 512, iv_of, true);
+                    assert!(got == want, "avx {avx} key {key_len} sectors {sectors}");
+                    c.crypt(&mut got, 512, iv_of, false);
+                    assert!(got == data, "avx {avx} key {key_len} sectors {sectors}");
+                }
+            }
         }
     }
 }
