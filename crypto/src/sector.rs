@@ -139,7 +139,7 @@ impl SectorCipher {
     }
 
     /// The tier this cipher runs on, XTS or CBC (CBC's fused tiers decrypt wide and encrypt
-    /// four sector chains at a time with AES-NI; its `portable` tier is the `aes` crate).
+    /// eight sector chains at a time with AES-NI; its `portable` tier is the `aes` crate).
     pub fn tier(&self) -> XtsTier {
         match &self.engine {
             Engine::Xts(x) => x.tier(),

@@ -6,7 +6,7 @@
 //! come from the loaded registers by a lane shift (`VALIGNQ` / `VPERM2I128`), so in-place
 //! decryption never reads a block it has already overwritten. Encryption is serial within a
 //! sector (each block needs the previous ciphertext); it runs on AES-NI with the round keys in
-//! registers and four sectors interleaved, so four chains are in flight.
+//! registers and eight sectors interleaved, so eight chains are in flight.
 //!
 //! The ESSIV IVs (`E_salt(le64(sector))`, salt = SHA-256 of the key) are encrypted sixteen
 //! sectors at a time with AES-NI.
@@ -18,6 +18,10 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use super::vaes256::{load256, store256};
 use super::vaes512::{load512, store512};
 use super::{aesni, load128, round_keys, store128, vaes256, vaes512, X86Tier, TWEAK_BATCH};
+
+/// Sector chains encrypted side by side: AESENC's latency is several cycles and two can
+/// issue per cycle, so eight independent chains keep the unit busy.
+const CHAINS: usize = 8;
 
 #[derive(Zeroize, ZeroizeOnDrop)]
 #[repr(C, align(64))]
@@ -170,8 +174,8 @@ fn encrypt_avx<const NR: usize>(
     encrypt_sectors::<NR>(sched, batch, sector_size, ivs);
 }
 
-/// CBC encryption of a batch of sectors, four sector chains interleaved (then one at a time
-/// for the rest); inlined into its SSE and AVX builds.
+/// CBC encryption of a batch of sectors, `CHAINS` sector chains interleaved (then one at a
+/// time for the rest); inlined into its SSE and AVX builds.
 #[target_feature(enable = "aes")]
 #[inline]
 fn encrypt_sectors<const NR: usize>(
@@ -182,17 +186,18 @@ fn encrypt_sectors<const NR: usize>(
 ) {
     let rk = round_keys::<NR>(sched);
     let mut ivs = ivs.iter();
-    let mut groups = batch.chunks_exact_mut(4 * sector_size);
+    let mut groups = batch.chunks_exact_mut(CHAINS * sector_size);
     for group in &mut groups {
-        let (s0, rest) = group.split_at_mut(sector_size);
-        let (s1, rest) = rest.split_at_mut(sector_size);
-        let (s2, s3) = rest.split_at_mut(sector_size);
-        let mut chains = [s0, s1, s2, s3].map(|s| s.as_chunks_mut::<16>().0);
-        let mut prev = [_mm_setzero_si128(); 4];
+        let mut sectors = group.chunks_exact_mut(sector_size);
+        let mut chains: [&mut [[u8; 16]]; CHAINS] = core::array::from_fn(|_| {
+            let s = sectors.next().expect("CHAINS sectors per group");
+            s.as_chunks_mut::<16>().0
+        });
+        let mut prev = [_mm_setzero_si128(); CHAINS];
         for p in &mut prev {
             *p = load128(ivs.next().expect("one IV per sector"));
         }
-        encrypt_chains::<NR, 4>(&rk, &mut chains, prev);
+        encrypt_chains::<NR, CHAINS>(&rk, &mut chains, prev);
     }
     for sector in groups.into_remainder().chunks_exact_mut(sector_size) {
         let iv = load128(ivs.next().expect("one IV per sector"));
@@ -397,7 +402,7 @@ mod tests {
                 iv[..8].copy_from_slice(&(k as u64 + 40).to_le_bytes());
                 iv
             };
-            for sectors in [1usize, 3, 4, 7] {
+            for sectors in [1usize, 3, 7, 8, 9, 17] {
                 let data: Vec<u8> = (0..512 * sectors).map(|i| (i * 7 + 1) as u8).collect();
                 let mut want = data.clone();
                 SectorCipher::with_xts_tier(
