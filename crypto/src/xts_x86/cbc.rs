@@ -160,7 +160,7 @@ fn encrypt_sse<const NR: usize>(
     sector_size: usize,
     ivs: &[[u8; 16]; TWEAK_BATCH],
 ) {
-    encrypt_sectors::<NR>(sched, batch, sector_size, ivs);
+    encrypt_sectors::<NR, false>(sched, batch, sector_size, ivs);
 }
 
 /// [`encrypt_sectors`] built with AVX (VEX three-operand forms). Requires AES-NI and AVX.
@@ -171,14 +171,15 @@ fn encrypt_avx<const NR: usize>(
     sector_size: usize,
     ivs: &[[u8; 16]; TWEAK_BATCH],
 ) {
-    encrypt_sectors::<NR>(sched, batch, sector_size, ivs);
+    encrypt_sectors::<NR, true>(sched, batch, sector_size, ivs);
 }
 
 /// CBC encryption of a batch of sectors, `CHAINS` sector chains interleaved (then one at a
-/// time for the rest); inlined into its SSE and AVX builds.
+/// time for the rest); inlined into its SSE and AVX builds (`BUILD` makes them two functions
+/// with one caller each, which LLVM inlines: see `aesni::crypt_body`).
 #[target_feature(enable = "aes")]
 #[inline]
-fn encrypt_sectors<const NR: usize>(
+fn encrypt_sectors<const NR: usize, const BUILD: bool>(
     sched: &[[u8; 16]; 15],
     batch: &mut [u8],
     sector_size: usize,
@@ -241,7 +242,7 @@ fn decrypt_xmm_sse<const NR: usize>(
     sector_size: usize,
     ivs: &[[u8; 16]; TWEAK_BATCH],
 ) {
-    decrypt_xmm::<NR>(sched, batch, sector_size, ivs);
+    decrypt_xmm::<NR, false>(sched, batch, sector_size, ivs);
 }
 
 /// [`decrypt_xmm`] built with AVX. Requires AES-NI and AVX.
@@ -252,13 +253,14 @@ fn decrypt_xmm_avx<const NR: usize>(
     sector_size: usize,
     ivs: &[[u8; 16]; TWEAK_BATCH],
 ) {
-    decrypt_xmm::<NR>(sched, batch, sector_size, ivs);
+    decrypt_xmm::<NR, true>(sched, batch, sector_size, ivs);
 }
 
-/// Wide CBC decryption, AES-NI: eight blocks in flight; inlined into its SSE and AVX builds.
+/// Wide CBC decryption, AES-NI: eight blocks in flight; inlined into its SSE and AVX builds
+/// (one instance per `BUILD`).
 #[target_feature(enable = "aes")]
 #[inline]
-fn decrypt_xmm<const NR: usize>(
+fn decrypt_xmm<const NR: usize, const BUILD: bool>(
     sched: &[[u8; 16]; 15],
     batch: &mut [u8],
     sector_size: usize,
