@@ -3,6 +3,8 @@
 
 use core::arch::x86_64::*;
 
+use zeroize::Zeroize;
+
 use super::aesni::crypt_block;
 use super::{load128, round_keys, RoundKeys, TWEAK_BATCH};
 
@@ -158,5 +160,6 @@ fn crypt_unit<const NR: usize, const ENC: bool>(
         for (b, lt) in blocks.iter_mut().zip(lane_tweaks) {
             crypt_block::<NR, ENC>(rk1, load128(lt), b);
         }
+        lanes.zeroize(); // tweaks, like those `FusedXts::crypt` clears
     }
 }
