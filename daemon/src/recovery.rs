@@ -32,8 +32,11 @@ use ublk_crypt_crypto::Key;
 use crate::state;
 use crate::target;
 
+const KEY_SPEC_PROCESS_KEYRING: libc::c_long = -2;
 const KEY_SPEC_USER_KEYRING: libc::c_long = -4;
 const KEYCTL_SETPERM: libc::c_long = 5;
+const KEYCTL_LINK: libc::c_long = 8;
+const KEYCTL_UNLINK: libc::c_long = 9;
 const KEYCTL_SEARCH: libc::c_long = 10;
 const KEYCTL_READ: libc::c_long = 11;
 const KEYCTL_INVALIDATE: libc::c_long = 21;
@@ -45,6 +48,16 @@ fn description(id: u32) -> CString {
 }
 
 /// Keeps the key of device `id` in root's user keyring for a restarted daemon.
+///
+/// **Why the detour through the process keyring.** Changing a key's permissions
+/// (`KEYCTL_SETPERM`) needs the setattr permission, which a new key grants only to a process
+/// that *possesses* it: one that reaches it from its own thread, process or session keyring.
+/// A key added straight into `@u` is possessed only where `@u` is linked into the session
+/// keyring (a login shell, `KeyringMode=shared`); a systemd service with the default
+/// `KeyringMode=private` gets a fresh session keyring without that link, and the daemon failed
+/// there with EACCES at every start. So the key is born in this process's own keyring (always
+/// possessed), restricted there, then linked into `@u` and unlinked from the process keyring:
+/// the same result in every kind of session.
 pub fn keep_key(id: u32, key: &Key) -> Result<()> {
     let ty = c"user";
     let desc = description(id);
@@ -57,7 +70,7 @@ pub fn keep_key(id: u32, key: &Key) -> Result<()> {
             desc.as_ptr(),
             key.as_bytes().as_ptr(),
             key.len(),
-            KEY_SPEC_USER_KEYRING,
+            KEY_SPEC_PROCESS_KEYRING,
         )
     };
     if serial < 0 {
@@ -66,13 +79,27 @@ pub fn keep_key(id: u32, key: &Key) -> Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    // SAFETY: keyctl(KEYCTL_SETPERM, serial, perm) takes integers only.
-    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_SETPERM, serial, KEY_PERM) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        forget_key(id);
+    let keyctl = |op: libc::c_long, arg: libc::c_long| -> std::io::Result<()> {
+        // SAFETY: keyctl(SETPERM | LINK | UNLINK, serial, integer) takes integers only.
+        let r = unsafe { libc::syscall(libc::SYS_keyctl, op, serial, arg) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let unlink_from_process = || {
+        let _ = keyctl(KEYCTL_UNLINK, KEY_SPEC_PROCESS_KEYRING);
+    };
+    if let Err(e) = keyctl(KEYCTL_SETPERM, KEY_PERM) {
+        unlink_from_process();
         bail!("cannot restrict the permissions of the kept key: {e}");
     }
+    if let Err(e) = keyctl(KEYCTL_LINK, KEY_SPEC_USER_KEYRING) {
+        unlink_from_process();
+        bail!("cannot keep the key in root's keyring for recovery: {e}");
+    }
+    unlink_from_process();
     Ok(())
 }
 
@@ -172,5 +199,33 @@ mod tests {
         assert!(kept_key(id, 32).is_err(), "length mismatch is an error");
         forget_key(id);
         assert!(kept_key(id, 64).is_err());
+    }
+
+    /// What systemd's `KeyringMode=private` gives a service: a new session keyring that does
+    /// not link root's user keyring, so nothing in `@u` is possessed. Keeping and finding the
+    /// key must work there too (it failed with EACCES before keys were born in the process
+    /// keyring). Session keyrings are per thread credentials: only this test's thread moves.
+    #[test]
+    fn key_round_trips_in_a_private_session_keyring() {
+        const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+        let id = 901_000 + std::process::id() % 1000;
+        std::thread::spawn(move || {
+            // SAFETY: keyctl(JOIN_SESSION_KEYRING, NULL) joins a new anonymous session keyring.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_keyctl,
+                    KEYCTL_JOIN_SESSION_KEYRING,
+                    std::ptr::null::<libc::c_char>(),
+                )
+            };
+            assert!(r >= 0, "join: {}", std::io::Error::last_os_error());
+            let key = Key::from_bytes(&[0x5a; 64]);
+            keep_key(id, &key).unwrap();
+            assert_eq!(kept_key(id, 64).unwrap().as_bytes(), key.as_bytes());
+            forget_key(id);
+            assert!(kept_key(id, 64).is_err());
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -4,6 +4,8 @@
 //! KVM, so every test that needs a real kernel boots Debian's kernel under qemu (TCG) with a
 //! tiny busybox initramfs. See `tests/README.md` for how it works and how to use it.
 
+pub mod stamp;
+pub mod status;
 pub mod torture;
 pub mod vm;
 
@@ -34,4 +36,32 @@ pub fn target_dir() -> PathBuf {
 /// and building from inside a test would fight the running cargo for its lock.
 pub fn release_binary(name: &str) -> PathBuf {
     target_dir().join("release").join(name)
+}
+
+/// Every cipher spec with every key size ublk-crypt accepts for it
+/// (`CipherSpec::SUPPORTED` × `allowed_key_bits`): the matrix the dm-crypt compatibility test
+/// and the golden vectors cover, so a new spec or key size is tested without a list to edit.
+pub fn cipher_matrix() -> Vec<(&'static str, usize)> {
+    ublk_crypt_crypto::CipherSpec::SUPPORTED
+        .iter()
+        .flat_map(|s| {
+            let spec: ublk_crypt_crypto::CipherSpec = s.parse().expect("SUPPORTED specs parse");
+            spec.allowed_key_bits()
+                .iter()
+                .map(move |&bits| (*s, bits))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The host CPU's model name (`/proc/cpuinfo`), for the benchmark reports; empty if unknown.
+pub fn host_cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default()
 }

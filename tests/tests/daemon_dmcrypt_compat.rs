@@ -49,19 +49,11 @@ fn ublk_crypt_and_dm_crypt_read_each_others_writes() {
     }
     let mut script = String::from(GUEST_LIB);
     let mut expected = 0;
-    let specs = [
-        ("aes-xts-plain64", [256, 512]),
-        ("aes-xts-plain", [256, 512]),
-        ("aes-xts-plain64be", [256, 512]),
-        ("aes-cbc-essiv:sha256", [128, 256]),
-    ];
-    for (spec, sizes) in specs {
-        for bits in sizes {
-            for ss in [512, 4096] {
-                for mode in ["keyfile", "pass"] {
-                    script += &format!("check {mode} {spec} {bits} {ss} 8 24\n");
-                    expected += 1;
-                }
+    for (spec, bits) in ublk_crypt_tests::cipher_matrix() {
+        for ss in [512, 4096] {
+            for mode in ["keyfile", "pass"] {
+                script += &format!("check {mode} {spec} {bits} {ss} 8 24\n");
+                expected += 1;
             }
         }
     }

@@ -305,10 +305,11 @@ fn daemon_unit_has_what_oom_survival_and_recovery_need() {
 #[test]
 fn swap_unit_survives_a_daemon_restart_and_stops_first() {
     let d = directives(&read(&systemd_dir().join("ublk-crypt-swap@.service")));
-    assert_eq!(values(&d, "Wants"), ["ublk-crypt@%i.service"]);
     assert!(values(&d, "After").contains(&"ublk-crypt@%i.service"));
-    // These would turn the daemon's crash-restart into a swapoff that waits for the dead daemon.
+    // These would turn the daemon's crash-restart into a swapoff that waits for the dead daemon
+    // (Requires= and the like), or a failing daemon's restarts into a boot that never ends (Wants=).
     for key in [
+        "Wants",
         "Requires",
         "BindsTo",
         "PartOf",
@@ -328,6 +329,24 @@ fn swap_unit_survives_a_daemon_restart_and_stops_first() {
     assert!(
         start.contains("mkswap") && start.contains("swapon --priority"),
         "{start}"
+    );
+    // Comes up with every start of the daemon (a daemon that failed at boot and starts later
+    // brings the swap with it), never refused for starting often, never formats a device that
+    // the daemon of this instance does not serve.
+    let wanted_by: Vec<&str> = values(&d, "WantedBy")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .collect();
+    assert!(
+        wanted_by.contains(&"swap.target") && wanted_by.contains(&"ublk-crypt@%i.service"),
+        "{wanted_by:?}"
+    );
+    assert_eq!(values(&d, "Also"), ["ublk-crypt@%i.service"]);
+    assert_eq!(values(&d, "StartLimitIntervalSec"), ["0"]);
+    let cond = values(&d, "ExecCondition").join("\n");
+    assert!(
+        cond.contains("ublk-crypt status %i") && cond.contains("/dev/ublkb$${ID}"),
+        "{cond}"
     );
 }
 

@@ -201,14 +201,7 @@ fn main() {
                 .to_string()
         })
         .unwrap_or_default();
-    let host_cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let host_cpu = ublk_crypt_tests::host_cpu_model();
 
     let mut results = serde_json::Map::new();
     let get = |label: &str, job: &str| {

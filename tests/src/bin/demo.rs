@@ -22,7 +22,6 @@ Defaults: --mem 160 --hog-mib 400 --cpus 2; --hog page-hog when target/release/p
 built, else tmpfs (random files + sha256).";
 
 /// What the page-hog writes at the start of every page it stamps (see tests/src/bin/page-hog.rs).
-const PAGE_HOG_MAGIC: &[u8; 16] = b"PAGE-HOG-STAMP:v";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Hog {
@@ -175,16 +174,6 @@ fn field(section: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A number after `"key":` in one line of JSON (the status output; no JSON parser here).
-fn json_number(json: &str, key: &str) -> Option<f64> {
-    let i = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json[i..].trim_start();
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
 /// MB/s from coreutils dd's last line: `67108864 bytes (67 MB, 64 MiB) copied, 1.2 s, 55.9 MB/s`.
 fn dd_mbps(out: &str) -> Option<f64> {
     let line = out.lines().rev().find(|l| l.contains(" copied, "))?;
@@ -192,21 +181,6 @@ fn dd_mbps(out: &str) -> Option<f64> {
     let (_, timing) = line.split_once(" copied, ")?;
     let secs: f64 = timing.split_once(" s")?.0.trim().parse().ok()?;
     (secs > 0.0).then(|| bytes / secs / 1e6)
-}
-
-/// Non-overlapping occurrences of `needle` in `hay`.
-fn count(hay: &[u8], needle: &[u8]) -> usize {
-    let mut n = 0;
-    let mut i = 0;
-    while i + needle.len() <= hay.len() {
-        if hay[i] == needle[0] && &hay[i..i + needle.len()] == needle {
-            n += 1;
-            i += needle.len();
-        } else {
-            i += 1;
-        }
-    }
-    n
 }
 
 fn mbps(v: Option<f64>) -> String {
@@ -284,7 +258,9 @@ fn main() -> ExitCode {
     let mem_mib = field(&hog, "mem_total_kib").unwrap_or(0.0) / 1024.0;
     let stamps = if o.hog == Hog::PageHog {
         // The backing has held every swapped page; none may show the hog's plaintext marker.
-        out.read_disk(0).ok().map(|d| count(&d, PAGE_HOG_MAGIC))
+        out.read_disk(0)
+            .ok()
+            .map(|d| ublk_crypt_tests::stamp::count_stamps(&d))
     } else {
         None
     };
@@ -316,17 +292,13 @@ fn main() -> ExitCode {
          ({:.1} MB/s of swap IO)",
         (out_mib + in_mib) * 1.048576 / secs.max(0.001)
     );
-    if let (Some(lck), Some(hw)) = (
-        json_number(&status, "vm_lck_kib"),
-        json_number(&status, "high_water"),
-    ) {
-        let chunk = json_number(&status, "chunk_bytes").unwrap_or(65536.0);
-        let total = json_number(&status, "chunks_total").unwrap_or(0.0);
+    if let Some(st) = ublk_crypt_tests::status::StatusSummary::parse(&status) {
+        let mib = |chunks: u64| (chunks * st.chunk_bytes) as f64 / 1048576.0;
         println!(
             "daemon memory    {:.1} MiB locked (VmLck), IO pool high water {:.2} of {:.0} MiB",
-            lck / 1024.0,
-            hw * chunk / 1048576.0,
-            total * chunk / 1048576.0
+            st.vm_lck_kib as f64 / 1024.0,
+            mib(st.high_water),
+            mib(st.chunks_total)
         );
     }
     if let Some(n) = stamps {
@@ -356,7 +328,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_dd_and_status_and_sections() {
+    fn parses_dd_and_sections() {
         let dd = "64+0 records in\n64+0 records out\n\
                   67108864 bytes (67 MB, 64 MiB) copied, 1.16347 s, 57.7 MB/s\n";
         assert!(
@@ -365,23 +337,10 @@ mod tests {
             dd_mbps(dd)
         );
         assert_eq!(dd_mbps("dd: error writing"), None);
-        let json = r#"{"pool":{"chunk_bytes":65536,"chunks_total":256,"high_water":12},"vm_lck_kib":22400}"#;
-        assert_eq!(json_number(json, "vm_lck_kib"), Some(22400.0));
-        assert_eq!(json_number(json, "high_water"), Some(12.0));
-        assert_eq!(json_number(json, "missing"), None);
         let hog = "pages_verified=102400\npeak_swap_mib=301\nsecs=74.5";
         assert_eq!(field(hog, "pages_verified"), Some(102400.0));
         assert_eq!(field(hog, "secs"), Some(74.5));
         assert_eq!(field(hog, "pages"), None);
-    }
-
-    #[test]
-    fn counts_markers() {
-        let mut d = vec![0u8; 10000];
-        d[100..116].copy_from_slice(PAGE_HOG_MAGIC);
-        d[9984..].copy_from_slice(PAGE_HOG_MAGIC);
-        assert_eq!(count(&d, PAGE_HOG_MAGIC), 2);
-        assert_eq!(count(&d[..9990], PAGE_HOG_MAGIC), 1);
     }
 
     #[test]

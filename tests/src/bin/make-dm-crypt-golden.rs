@@ -28,26 +28,18 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
-    let specs = [
-        ("aes-xts-plain64", [256, 512]),
-        ("aes-xts-plain", [256, 512]),
-        ("aes-xts-plain64be", [256, 512]),
-        ("aes-cbc-essiv:sha256", [128, 256]),
-    ];
-    for (spec, sizes) in specs {
-        for bits in sizes {
-            for ss in [512, 4096] {
-                v.push(Case {
-                    name: format!("{}-{bits}-{ss}", spec.replace(':', "_")),
-                    spec,
-                    bits,
-                    sector_size: ss,
-                    offset: 8,
-                    skip: 40,
-                    iv_large: false,
-                    key: "keyfile",
-                });
-            }
+    for (spec, bits) in ublk_crypt_tests::cipher_matrix() {
+        for ss in [512, 4096] {
+            v.push(Case {
+                name: format!("{}-{bits}-{ss}", spec.replace(':', "_")),
+                spec,
+                bits,
+                sector_size: ss,
+                offset: 8,
+                skip: 40,
+                iv_large: false,
+                key: "keyfile",
+            });
         }
     }
     for hash in ["sha256", "sha512", "ripemd160", "plain"] {

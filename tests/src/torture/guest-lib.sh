@@ -1,0 +1,67 @@
+# The OOM torture's fixed guest functions (tests/src/torture/script.rs puts the run's variables
+# before this file and the backend's device and the phases after it). Busybox sh, set -e.
+# Expects: U (the ublk-crypt binary), T (a work directory), SYSRQ (vm-watchdog's sysrq
+# schedule), SAMPLE_SECS (the sampler's period); dev (the swap device) before swap_on_and_sample.
+
+mkdir -p $T
+ev() { echo "torture: $*"; }
+daemon_pid() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' /run/ublk-crypt/*.json 2>/dev/null | head -n 1; }
+daemon_check() {  # WHEN
+    p=$(cat $T/daemon-pid 2>/dev/null || true)
+    [ -n "$p" ] || return 0
+    if [ -d /proc/$p ]; then
+        ev "daemon-check when=$1 pid=$p record_pid=$(daemon_pid) alive=1 oom_score_adj=$(cat /proc/$p/oom_score_adj)"
+    else
+        ev "daemon-check when=$1 pid=$p record_pid=$(daemon_pid) alive=0"
+    fi
+}
+hog_exit() {  # NAME PID
+    set +e; wait $2; rc=$?; set -e
+    ev "hog-exit name=$1 rc=$rc"
+}
+wait_for() { while [ ! -e "$1" ]; do sleep 1; done; }
+
+# Dumps blocked tasks and memory while no hog has beaten for 30 s; crashes the guest at 180 s.
+start_watchdog() {
+    vm-watchdog $SYSRQ --heartbeat $T/hb 30 180 &
+}
+
+# The sampler: the machine's and the daemon's memory every SAMPLE_SECS (shell builtins reading
+# /proc, no fork), and every 4th time `status --json` (pool high water, waits, errors).
+sampler() {
+    set +e
+    n=0
+    while [ -e $T/sampling ]; do
+        read up _ < /proc/uptime
+        while read k v _; do
+            case $k in MemFree:) mf=$v;; MemAvailable:) ma=$v;; SwapFree:) sf=$v;; esac
+        done < /proc/meminfo
+        line="sample t=$up mem_free_kib=$mf mem_avail_kib=$ma swap_free_kib=$sf"
+        pid=
+        [ -e $T/daemon-pid ] && read pid < $T/daemon-pid
+        if [ -n "$pid" ] && [ -r /proc/$pid/status ]; then
+            r=; l=; w=; a=
+            while read k v _; do
+                case $k in VmRSS:) r=$v;; VmLck:) l=$v;; VmSwap:) w=$v;; esac
+            done < /proc/$pid/status
+            read a < /proc/$pid/oom_score_adj
+            line="$line pid=$pid rss_kib=$r lck_kib=$l swap_kib=$w oom_adj=$a"
+        fi
+        echo "$line"
+        n=$((n + 1))
+        if [ -n "$pid" ] && [ $((n % 4)) = 0 ]; then
+            st=$($U status tswap --json 2>&1)
+            echo "daemon-status t=$up $st"
+        fi
+        sleep $SAMPLE_SECS
+    done
+}
+
+# mkswap + swapon on $dev, then the sampler in the background (until $T/sampling goes).
+swap_on_and_sample() {
+    mkswap $dev > /dev/null
+    swapon $dev
+    ev "swap on $dev: $(grep -F "$(basename $(readlink -f $dev))" /proc/swaps | tr -s ' \t' ' ')"
+    touch $T/sampling
+    sampler &
+}
