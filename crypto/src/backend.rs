@@ -1,4 +1,5 @@
-//! Which of the `aes` crate's implementations runs on this CPU.
+//! Which of the `aes` crate's implementations runs on this CPU: what the portable tier runs on
+//! (XTS and CBC normally run on a fused core: [`crate::xts_tier`]).
 //!
 //! The `aes` crate picks its backend at run time through `cpufeatures`: VAES with AVX-512
 //! (four blocks per instruction), VAES-256 (two), AES-NI (one), or portable software. The choice
@@ -13,7 +14,8 @@
 //! with run-time detection, `aes` 0.9.4's VAES-256 path was 25 % *slower* than AES-NI in the VM
 //! (its intrinsics are not inlined into code compiled without the feature), while the same code
 //! built with `-C target-feature=+vaes,+avx2` was 15 % faster. Getting the latter at run time
-//! needs an `unsafe` call into a `#[target_feature]` function, which this crate does not make.
+//! needs an `unsafe` call into a `#[target_feature]` function — which the fused XTS cores
+//! (src/xts_x86/) now make, with their own cores rather than the `aes` crate's.
 
 /// The AES implementation the `aes` crate uses on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,6 +33,13 @@ pub enum CryptoError {
     /// Plain-mode key derivation could not produce a key (e.g. `--hash plain` with a passphrase
     /// shorter than the key).
     Passphrase(String),
+    /// XTS data that is not a whole number of data units, or a unit length that is not a
+    /// non-zero multiple of 16 bytes (no ciphertext stealing: sectors never need it).
+    XtsLength { len: usize, unit_len: usize },
+    /// An XTS tier name that does not exist (`UBLK_CRYPT_XTS_TIER`).
+    XtsTier(String),
+    /// An XTS tier this CPU cannot run.
+    XtsTierUnsupported(crate::XtsTier),
 }
 
 impl fmt::Display for CryptoError {
@@ -64,6 +71,17 @@ impl fmt::Display for CryptoError {
                 "unsupported passphrase hash '{h}' (supported: sha256, sha512, ripemd160, plain)"
             ),
             CryptoError::Passphrase(why) => write!(f, "cannot derive key from passphrase: {why}"),
+            CryptoError::XtsLength { len, unit_len } => write!(
+                f,
+                "XTS data of {len} bytes is not a whole number of {unit_len}-byte units, or the unit is not a non-zero multiple of 16 bytes (ciphertext stealing is not supported)"
+            ),
+            CryptoError::XtsTier(name) => write!(
+                f,
+                "unknown XTS tier '{name}' (known: portable, aesni, vaes-avx2, vaes-avx512)"
+            ),
+            CryptoError::XtsTierUnsupported(t) => {
+                write!(f, "XTS tier '{t}' needs CPU features this machine lacks")
+            }
         }
     }
 }

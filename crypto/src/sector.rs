@@ -3,8 +3,8 @@
 use aes::{Aes128, Aes192, Aes256};
 
 use crate::cbc::CbcEssiv;
-use crate::xts::{AesCipher, Xts};
-use crate::{ChainMode, CipherSpec, CryptoError, IvMode, Key};
+use crate::xts::AesCipher;
+use crate::{xts_tier, ChainMode, CipherSpec, CryptoError, IvMode, Key, XtsCipher, XtsTier};
 
 /// dm-crypt counts sectors in 512-byte units whatever the encryption sector size.
 pub const SECTOR_SHIFT: u32 = 9;
@@ -49,8 +49,10 @@ impl SectorLayout {
 }
 
 enum Engine {
-    Xts128(Box<Xts<Aes128>>),
-    Xts256(Box<Xts<Aes256>>),
+    Xts(Box<XtsCipher>),
+    /// CBC-ESSIV on a fused tier (AES-128/192/256).
+    #[cfg(target_arch = "x86_64")]
+    CbcFused(Box<crate::xts_x86::FusedCbc>),
     Cbc128(Box<CbcEssiv<Aes128>>),
     Cbc192(Box<CbcEssiv<Aes192>>),
     Cbc256(Box<CbcEssiv<Aes256>>),
@@ -78,32 +80,73 @@ impl std::fmt::Debug for SectorCipher {
 }
 
 impl SectorCipher {
+    /// A sector cipher on this process's tier ([`crate::xts_tier`]).
     pub fn new(spec: CipherSpec, key: &Key, layout: SectorLayout) -> Result<Self, CryptoError> {
+        SectorCipher::with_xts_tier(spec, key, layout, xts_tier())
+    }
+
+    /// A sector cipher on exactly `tier` (tests and benchmarks of each tier; an error if the
+    /// CPU cannot run it). The tier applies to CBC-ESSIV too.
+    pub fn with_xts_tier(
+        spec: CipherSpec,
+        key: &Key,
+        layout: SectorLayout,
+        tier: XtsTier,
+    ) -> Result<Self, CryptoError> {
         layout.validate()?;
         let k = key.as_bytes();
         spec.check_key_len(k.len())?;
         let engine = match spec.chain() {
-            ChainMode::Xts => {
-                let (k1, k2) = k.split_at(k.len() / 2);
-                if k1 == k2 {
-                    return Err(CryptoError::XtsEqualHalves);
-                }
-                match k.len() {
-                    32 => Engine::Xts128(Box::new(Xts::new(k))),
-                    _ => Engine::Xts256(Box::new(Xts::new(k))),
-                }
-            }
-            ChainMode::Cbc => match k.len() {
+            ChainMode::Xts => Engine::Xts(Box::new(XtsCipher::with_tier(k, tier)?)),
+            ChainMode::Cbc if tier == XtsTier::Portable => match k.len() {
                 16 => Engine::Cbc128(Box::new(CbcEssiv::new(k))),
                 24 => Engine::Cbc192(Box::new(CbcEssiv::new(k))),
                 _ => Engine::Cbc256(Box::new(CbcEssiv::new(k))),
             },
+            ChainMode::Cbc => Self::fused_cbc(k, tier)?,
         };
         Ok(SectorCipher {
             engine,
             spec,
             layout,
         })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn fused_cbc(k: &[u8], tier: XtsTier) -> Result<Engine, CryptoError> {
+        use sha2::{Digest, Sha256};
+        use zeroize::Zeroize;
+        let mut salt: [u8; 32] = Sha256::digest(k).into();
+        let fused = crate::xts_x86::X86Tier::from_tier(tier)
+            .and_then(|t| crate::xts_x86::FusedCbc::new(k, &salt, t));
+        salt.zeroize();
+        fused
+            .map(|f| Engine::CbcFused(Box::new(f)))
+            .ok_or(CryptoError::XtsTierUnsupported(tier))
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn fused_cbc(_k: &[u8], tier: XtsTier) -> Result<Engine, CryptoError> {
+        Err(CryptoError::XtsTierUnsupported(tier))
+    }
+
+    /// The XTS tier this cipher runs on; `None` for CBC.
+    pub fn xts_tier(&self) -> Option<XtsTier> {
+        match &self.engine {
+            Engine::Xts(x) => Some(x.tier()),
+            _ => None,
+        }
+    }
+
+    /// The tier this cipher runs on, XTS or CBC (CBC's fused tiers decrypt wide and encrypt
+    /// eight sector chains at a time with AES-NI; its `portable` tier is the `aes` crate).
+    pub fn tier(&self) -> XtsTier {
+        match &self.engine {
+            Engine::Xts(x) => x.tier(),
+            #[cfg(target_arch = "x86_64")]
+            Engine::CbcFused(c) => c.tier().tier(),
+            _ => XtsTier::Portable,
+        }
     }
 
     pub fn spec(&self) -> CipherSpec {
@@ -171,8 +214,9 @@ impl SectorCipher {
         }
         let iv_of = |k: usize| self.iv_bytes(self.iv_sector(sector, k));
         match &self.engine {
-            Engine::Xts128(x) => x.crypt(data, ss, iv_of, encrypt),
-            Engine::Xts256(x) => x.crypt(data, ss, iv_of, encrypt),
+            Engine::Xts(x) => x.crypt(data, ss, iv_of, encrypt)?,
+            #[cfg(target_arch = "x86_64")]
+            Engine::CbcFused(c) => c.crypt(data, ss, iv_of, encrypt),
             Engine::Cbc128(c) => cbc(c, data, ss, iv_of, encrypt),
             Engine::Cbc192(c) => cbc(c, data, ss, iv_of, encrypt),
             Engine::Cbc256(c) => cbc(c, data, ss, iv_of, encrypt),

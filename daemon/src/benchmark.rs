@@ -43,6 +43,11 @@ pub struct BenchmarkArgs {
 pub struct Row {
     pub spec: String,
     pub key_bits: usize,
+    /// What ran, in brackets: the tier (`[vaes-avx512]`, `[aesni]`, … see
+    /// `UBLK_CRYPT_XTS_TIER`); for CBC with a reminder that its encryption is serial within a
+    /// sector (each block needs the previous ciphertext: a few sectors' chains run side by
+    /// side, never the wide path), so it stays several times slower than its decryption.
+    pub implementation: String,
     /// MiB/s.
     pub encrypt: f64,
     /// MiB/s.
@@ -127,9 +132,14 @@ pub fn run_rows(args: &BenchmarkArgs, mut each: impl FnMut(&Row)) -> Result<Vec<
         let cipher = SectorCipher::new(spec, &bench_key(bits / 8), layout)?;
         // One untimed pass: page faults, frequency ramp-up, cache warm-up.
         cipher.encrypt(0, &mut buf)?;
+        let implementation = match cipher.xts_tier() {
+            Some(tier) => format!("[{tier}]"),
+            None => format!("[{}, enc serial]", cipher.tier()),
+        };
         let row = Row {
             spec: spec.to_string(),
             key_bits: bits,
+            implementation,
             encrypt: measure(&cipher, &mut buf, slice, true)?,
             decrypt: measure(&cipher, &mut buf, slice, false)?,
         };
@@ -152,14 +162,14 @@ pub fn benchmark(args: BenchmarkArgs) -> Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "#{:>21} {:>6} {:>16} {:>16}",
-        "Cipher", "Key", "Encryption", "Decryption"
+        "#{:>21} {:>6} {:<22} {:>16} {:>16}",
+        "Cipher", "Key", " Implementation", "Encryption", "Decryption"
     )?;
     run_rows(&args, |r| {
         let _ = writeln!(
             out,
-            "{:>22} {:>5}b {:>11.1} MiB/s {:>11.1} MiB/s",
-            r.spec, r.key_bits, r.encrypt, r.decrypt
+            "{:>22} {:>5}b {:<22} {:>11.1} MiB/s {:>11.1} MiB/s",
+            r.spec, r.key_bits, r.implementation, r.encrypt, r.decrypt
         );
         let _ = out.flush();
     })?;
@@ -199,6 +209,13 @@ mod tests {
         .collect();
         assert_eq!(got, want);
         for r in &rows {
+            let tier = ublk_crypt_crypto::xts_tier();
+            let want = if r.spec.contains("xts") {
+                format!("[{tier}]")
+            } else {
+                format!("[{tier}, enc serial]")
+            };
+            assert!(r.implementation.contains(&want), "{r:?}");
             // Even an unoptimized build on a slow machine does more than 1 MiB/s.
             assert!(r.encrypt > 1.0 && r.decrypt > 1.0, "{r:?}");
             assert!(r.encrypt.is_finite() && r.decrypt.is_finite(), "{r:?}");

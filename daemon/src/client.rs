@@ -117,8 +117,8 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
         d.backing.display()
     );
     println!(
-        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}",
-        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend
+        "  cipher:      {} {} bits, {}-byte sectors, offset {}, skip {}, AES {}, XTS tier {}",
+        d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend, s.xts_tier
     );
     println!("  size:        {} sectors", d.size / 512);
     println!(

@@ -49,6 +49,10 @@ pub struct Status {
     /// what the cipher's speed depends on most.
     #[serde(default)]
     pub aes_backend: String,
+    /// The AES-XTS implementation in use (`vaes-avx512`, `vaes-avx2`, `aesni`, `portable`;
+    /// capped by `UBLK_CRYPT_XTS_TIER`).
+    #[serde(default)]
+    pub xts_tier: String,
 }
 
 fn status_of(ctx: &DeviceContext) -> Status {
@@ -84,6 +88,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         vm_rss_kib: rss,
         vm_lck_kib: lck,
         aes_backend: ublk_crypt_crypto::aes_backend().to_string(),
+        xts_tier: ublk_crypt_crypto::xts_tier().to_string(),
     }
 }
 

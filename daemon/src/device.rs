@@ -321,7 +321,14 @@ fn went_live(
     if let Some(mut r) = readiness.lock().unwrap().take() {
         r.ready(&path);
     }
-    tracing::info!("serving {path} (AES: {})", ublk_crypt_crypto::aes_backend());
+    tracing::info!(
+        "serving {path} (AES: {}, XTS tier: {})",
+        ublk_crypt_crypto::aes_backend(),
+        ublk_crypt_crypto::xts_tier()
+    );
+    if let Some(e) = ublk_crypt_crypto::xts_tier_env_error() {
+        tracing::warn!("{e}; using the detected tier");
+    }
     // What recovery reads must not be in the swap it recovers (records::keep_in_memory).
     for file in [records::record_path(ctx.record.id), c.run_path().into()] {
         if let Err(e) = records::keep_in_memory(&file) {

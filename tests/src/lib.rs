@@ -54,14 +54,17 @@ pub fn cipher_matrix() -> Vec<(&'static str, usize)> {
         .collect()
 }
 
-/// The host CPU's model name (`/proc/cpuinfo`), for the benchmark reports; empty if unknown.
+/// The first `name : value` field of the host's `/proc/cpuinfo` (`model name`, `cpu MHz`), for
+/// the benchmark reports.
+pub fn cpuinfo_field(name: &str) -> Option<String> {
+    std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    })
+}
+
+/// The host CPU's model name, empty if unknown.
 pub fn host_cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default()
+    cpuinfo_field("model name").unwrap_or_default()
 }
