@@ -129,6 +129,35 @@ impl DeviceConfig {
                 bail!("--name '{name}' must be non-empty, without '/', and not a number");
             }
         }
+        if let Some(id) = self.id {
+            if id > MAX_ID {
+                bail!("--id {id} is out of range (0..={MAX_ID}, ublk's device numbers)");
+            }
+        }
+        // Everything below is memory the daemon locks and the OOM killer may not take back: a
+        // typo must not be able to stop the machine (a 512 MiB VM deadlocked on memory with
+        // --crypto-threads 100000).
+        if self.pool_mib == 0 || self.pool_mib > MAX_POOL_MIB {
+            bail!(
+                "--pool-mib {} is out of range (1..={MAX_POOL_MIB}): the daemon locks all of it",
+                self.pool_mib
+            );
+        }
+        if let Some(total) = mem_total_mib() {
+            if self.pool_mib > total / 4 {
+                bail!(
+                    "--pool-mib {} is more than a quarter of this machine's memory ({total} MiB): \
+                     the daemon locks all of it",
+                    self.pool_mib
+                );
+            }
+        }
+        if self.crypto_threads > MAX_CRYPTO_THREADS {
+            bail!(
+                "--crypto-threads {} is out of range (0..={MAX_CRYPTO_THREADS})",
+                self.crypto_threads
+            );
+        }
         self.layout.validate()?;
         Ok(())
     }
@@ -161,6 +190,27 @@ impl DeviceConfig {
             pid: std::process::id(),
         }
     }
+}
+
+/// ublk's largest device number (`UBLK_MAX_UBLKS` is `1 << MINORBITS`).
+pub const MAX_ID: u32 = (1 << 20) - 1;
+/// The largest IO pool: far beyond what any queue layout needs (the pool splits large IOs).
+pub const MAX_POOL_MIB: usize = 4096;
+/// Crypto workers: each has a locked stack; more than there are CPUs only adds switches.
+pub const MAX_CRYPTO_THREADS: usize = 64;
+
+/// `MemTotal` of `/proc/meminfo`, in MiB.
+fn mem_total_mib() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = s
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }
 
 #[cfg(test)]
@@ -228,5 +278,39 @@ mod tests {
         assert_eq!(back.record(3, 1 << 30), rec);
         let unnamed = DeviceConfig { name: None, ..c };
         assert_eq!(unnamed.record(5, 4096).name, "ublk-crypt5");
+    }
+
+    #[test]
+    fn numbers_that_would_lock_the_machine_are_refused() {
+        let mut c = config();
+        c.id = Some(4_294_967_295);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--id 4294967295 is out of range"));
+        c.id = Some(MAX_ID);
+        c.validate().unwrap();
+        c.pool_mib = usize::MAX / 1024;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--pool-mib"));
+        c.pool_mib = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--pool-mib 0"));
+        c.pool_mib = 16;
+        c.crypto_threads = 100_000;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--crypto-threads 100000 is out of range"));
+        c.crypto_threads = 0;
+        c.validate().unwrap();
     }
 }

@@ -56,12 +56,23 @@ impl KeySpec {
                 .parse()?)
         };
         Ok(match key_file {
+            Some(p) if p.as_os_str() == "-" && keyfile_size.is_some_and(|s| s > MAX_INPUT) => {
+                bail!("--keyfile-size is at most {MAX_INPUT} bytes")
+            }
             Some(p) if p.as_os_str() == "-" => KeySpec::StdinAll {
                 offset: keyfile_offset,
                 max: keyfile_size.unwrap_or(MAX_INPUT),
                 hash: parse_hash()?,
             },
             Some(p) => {
+                if p.as_os_str() == "/dev/urandom"
+                    && (keyfile_offset != 0 || keyfile_size.is_some())
+                {
+                    bail!("--keyfile-offset and --keyfile-size mean nothing with /dev/urandom (a fresh random key)");
+                }
+                if keyfile_size.is_some_and(|s| s > MAX_INPUT) {
+                    bail!("--keyfile-size is at most {MAX_INPUT} bytes");
+                }
                 if hash.is_some() {
                     tracing::warn!(
                         "--hash is ignored with a key file, as in cryptsetup plain mode"
@@ -294,5 +305,28 @@ mod tests {
     fn empty_passphrase_is_an_error() {
         let h: PassphraseHash = "sha256".parse().unwrap();
         assert!(derive(h, &Key::zeroed(0), 32).is_err());
+    }
+
+    #[test]
+    fn keyfile_options_that_mean_nothing_or_too_much_are_refused() {
+        let urandom = Path::new("/dev/urandom");
+        let e = KeySpec::new(Some(urandom), 16, None, None, 64).unwrap_err();
+        assert!(
+            e.to_string().contains("mean nothing with /dev/urandom"),
+            "{e}"
+        );
+        let e = KeySpec::new(Some(urandom), 0, Some(32), None, 64).unwrap_err();
+        assert!(
+            e.to_string().contains("mean nothing with /dev/urandom"),
+            "{e}"
+        );
+        KeySpec::new(Some(urandom), 0, None, None, 64).unwrap();
+        for f in ["/etc/key", "-"] {
+            let e = KeySpec::new(Some(Path::new(f)), 0, Some(usize::MAX), None, 64).unwrap_err();
+            assert!(
+                e.to_string().contains("--keyfile-size is at most"),
+                "{f}: {e}"
+            );
+        }
     }
 }

@@ -12,7 +12,8 @@
 //! - It lives in kernel memory: never swapped, never written to any disk, gone at reboot
 //!   (when the device is gone too).
 //! - Permissions: possessor all, owner (uid 0) view/read/search/write/setattr, nothing for
-//!   group or others: no unprivileged process can read it.
+//!   group or others: no other uid can read it, and every process running as uid 0 can (not
+//!   only the daemon: recovery by a new process needs exactly that).
 //! - It survives the daemon's death (SIGKILL, abort on panic, OOM kill), because the user
 //!   keyring belongs to uid 0, not to the process; a daemon restarted by systemd (in another
 //!   session keyring) finds it by searching `@u`.

@@ -437,6 +437,32 @@ fn bad_input_is_one_line_and_leaves_nothing() {
             "open /dev/vdb -d /root/key --id 0",
             "already taken",
         ),
+        // Numbers that would lock the machine or name no ublk device (issue 18, item 12).
+        (
+            "id-too-large",
+            "open /dev/vdb -d /root/key --id 4294967295",
+            "--id 4294967295 is out of range",
+        ),
+        (
+            "pool-too-large",
+            "open /dev/vdb -d /root/key --pool-mib 18014398509481984",
+            "--pool-mib 18014398509481984 is out of range",
+        ),
+        (
+            "too-many-workers",
+            "open /dev/vdb -d /root/key --crypto-threads 100000",
+            "--crypto-threads 100000 is out of range",
+        ),
+        (
+            "keyfile-size-too-large",
+            "open /dev/vdb -d /root/key -l 99999999999",
+            "--keyfile-size is at most",
+        ),
+        (
+            "urandom-offset",
+            "open /dev/vdb --key-file /dev/urandom --keyfile-offset 16",
+            "mean nothing with /dev/urandom",
+        ),
         (
             "close-unknown",
             "close nosuchdev",
