@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::control::{refuse_if_in_use, Status};
+use crate::control::{hold_unless_in_use, refuse_if_in_use, Status};
 use crate::records::{self, DeviceRecord};
 use crate::{keyring, ublk};
 
@@ -30,6 +30,12 @@ fn request(rec: &DeviceRecord, what: &str) -> Result<String> {
     Ok(line)
 }
 
+/// The daemon's `{"error": ...}` reply, if it is one.
+fn reply_error(reply: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(reply.trim()).ok()?;
+    v.get("error")?.as_str().map(str::to_string)
+}
+
 /// `ublk-crypt close NAME|ID`.
 pub fn close(device: &str) -> Result<ExitCode> {
     let rec = records::resolve(device)?;
@@ -37,7 +43,12 @@ pub fn close(device: &str) -> Result<ExitCode> {
     match st {
         Ok(st) if st.daemon_alive => {
             refuse_if_in_use(&rec)?;
-            request(&rec, "close")?;
+            // The daemon checks again, holding the device until it is stopped; a refusal (a
+            // swapon or mount in between) comes back as an error.
+            let reply = request(&rec, "close")?;
+            if let Some(e) = reply_error(&reply) {
+                bail!("{e}");
+            }
             let deadline = Instant::now() + Duration::from_secs(60);
             while ublk::device_exists(rec.id) {
                 if Instant::now() > deadline {
@@ -50,8 +61,29 @@ pub fn close(device: &str) -> Result<ExitCode> {
             }
         }
         Ok(_) => {
-            // The daemon is gone (crashed): delete the orphaned device ourselves.
-            ublk::delete_orphan(rec.id)?;
+            // The daemon is gone (crashed) and the device waits for recovery with every page
+            // it holds. Deleting it under a swap area or a mount would throw those away (the
+            // processes owning swapped pages die): only an unused orphan is deleted, held
+            // exclusively from the check to the stop.
+            let hold = hold_unless_in_use(&rec).map_err(|_| {
+                anyhow::anyhow!(
+                    "{} ({}) is in use (swapped on, mounted or held) and its daemon is gone: \
+                     `ublk-crypt recover {}` re-attaches it (its IO waits until then); close it \
+                     after swapoff or umount",
+                    rec.name,
+                    rec.bdev_path(),
+                    rec.name
+                )
+            })?;
+            ublk::delete_orphan(rec.id, hold)?;
+        }
+        // Forget the key only when the device is known to be gone: a failed query of a device
+        // that still exists (a transient error) must leave everything for a later recovery.
+        Err(e) if ublk::device_exists(rec.id) => {
+            bail!(
+                "cannot query ublk device {} ({e:#}); nothing was changed, its key and record are kept",
+                rec.id
+            )
         }
         Err(_) => {} // the device is already gone: just forget the record and key
     }

@@ -19,8 +19,10 @@ use crate::stats::QueueCounters;
 
 /// What the device's main thread is told by the control plane and the queue threads.
 pub enum Event {
-    /// `close`, SIGTERM or SIGINT: stop the device.
-    Stop,
+    /// `close`, SIGTERM or SIGINT: stop the device. It carries the device opened exclusively
+    /// (see [`crate::control::hold_unless_in_use`]): held until the device is stopped, so
+    /// nobody can swapon or mount it between the in-use check and the stop.
+    Stop(Option<std::fs::File>),
     /// A queue thread ended on its own (the device was deleted under us).
     QueueExited(u16),
 }

@@ -133,26 +133,61 @@ pub fn spawn(ctx: &'static DeviceContext) -> Result<()> {
     Ok(())
 }
 
-fn stop(ctx: &DeviceContext) {
-    ctx.send(Event::Stop);
-}
-
 /// A signal stops the device only if nothing holds it: deleting a device under an active swap
 /// area would fail every swapped page's read (the processes owning them would die). If it is
 /// in use, the daemon keeps serving and says why; if it is then killed (systemd's stop timeout),
 /// the device stays, waiting for recovery, and no page is lost.
-fn stop_unless_in_use(ctx: &DeviceContext, signal: &str) {
-    match refuse_if_in_use(&ctx.record) {
-        Ok(()) => {
-            tracing::info!("{signal}: stopping");
-            stop(ctx);
+fn stop_unless_in_use(ctx: &DeviceContext, why: &str) -> Result<()> {
+    match hold_unless_in_use(&ctx.record) {
+        Ok(hold) => {
+            tracing::info!("{why}: stopping");
+            ctx.send(Event::Stop(hold));
+            Ok(())
         }
-        Err(e) => tracing::error!("{signal} ignored: {e:#}"),
+        Err(e) => {
+            tracing::error!("{why} refused: {e:#}");
+            Err(e)
+        }
     }
 }
 
+/// The longest a client may take to send its request; the largest request read.
+const CLIENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+const MAX_REQUEST: u64 = 256;
+
+/// One control client: one request line (at most [`MAX_REQUEST`] bytes), one reply line.
+async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStream) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    let mut rd = tokio::io::BufReader::new(rd.take(MAX_REQUEST));
+    if rd.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let json_error =
+        |e: &dyn std::fmt::Display| serde_json::json!({ "error": e.to_string() }).to_string();
+    let reply = match line.trim() {
+        "status" => serde_json::to_string(&status_of(ctx)).unwrap_or_default(),
+        // The daemon checks too, holding the device from the check to the stop: a client that
+        // skipped the check (or raced a swapon) cannot delete a device in use.
+        "close" => match stop_unless_in_use(ctx, "close") {
+            Ok(()) => "{\"closing\":true}".to_string(),
+            Err(e) => json_error(&format_args!("{e:#}")),
+        },
+        other if !line.ends_with('\n') => json_error(&format_args!(
+            "request '{}…' too long or cut",
+            other.escape_default()
+        )),
+        other => json_error(&format_args!(
+            "unknown request '{}'",
+            other.escape_default()
+        )),
+    };
+    let _ = wr.write_all(reply.as_bytes()).await;
+    let _ = wr.write_all(b"\n").await;
+}
+
 async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net::UnixListener) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     use tokio::signal::unix::{signal, SignalKind};
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
@@ -170,26 +205,15 @@ async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net:
     };
     loop {
         tokio::select! {
-            _ = term.recv() => stop_unless_in_use(ctx, "SIGTERM"),
-            _ = int.recv() => stop_unless_in_use(ctx, "SIGINT"),
+            _ = term.recv() => { let _ = stop_unless_in_use(ctx, "SIGTERM"); }
+            _ = int.recv() => { let _ = stop_unless_in_use(ctx, "SIGINT"); }
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
-                // One request at a time: the control plane needs no concurrency.
-                async {
-                    let (rd, mut wr) = stream.into_split();
-                    let mut line = String::new();
-                    let mut rd = tokio::io::BufReader::new(rd);
-                    if rd.read_line(&mut line).await.is_err() {
-                        return;
-                    }
-                    let reply = match line.trim() {
-                        "status" => serde_json::to_string(&status_of(ctx)).unwrap_or_default(),
-                        "close" => { stop(ctx); "{\"closing\":true}".to_string() }
-                        other => format!("{{\"error\":\"unknown request '{}'\"}}", other.escape_default()),
-                    };
-                    let _ = wr.write_all(reply.as_bytes()).await;
-                    let _ = wr.write_all(b"\n").await;
-                }.await;
+                // Each client on its own, with a deadline: one that connects and says nothing
+                // must not hold up `status`, `close` or the signals.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CLIENT_DEADLINE, serve_client(ctx, stream)).await;
+                });
             }
         }
     }
@@ -198,17 +222,27 @@ async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net:
 /// Like `cryptsetup close`, refuse to pull a device out from under a mount or a swap area:
 /// both hold the block device exclusively, so an exclusive open fails with EBUSY.
 pub fn refuse_if_in_use(rec: &DeviceRecord) -> Result<()> {
+    hold_unless_in_use(rec).map(drop)
+}
+
+/// The in-use check that also closes the race behind it: the block device opened exclusively
+/// (`O_EXCL`), which fails with EBUSY while a swap area or a mount holds it, and, while this
+/// file stays open, makes every later `swapon` or `mount` of it fail. Whoever stops the device
+/// keeps it until the device is stopped (not deleted: deleting waits for every opener).
+/// `None` when the device node cannot be opened at all (nothing can hold it either).
+pub fn hold_unless_in_use(rec: &DeviceRecord) -> Result<Option<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::File::options()
         .read(true)
-        .custom_flags(libc::O_EXCL)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
         .open(rec.bdev_path())
     {
+        Ok(f) => Ok(Some(f)),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(
             "{} ({}) is in use (mounted, swapped on, or held open exclusively): unmount or swapoff it first",
             rec.name,
             rec.bdev_path()
         ),
-        _ => Ok(()),
+        Err(_) => Ok(None),
     }
 }

@@ -347,10 +347,18 @@ fn went_live(
 /// Blocks the device's main thread until a stop is asked for (close, SIGTERM) or a queue ended
 /// on its own (the device was deleted under us), then stops the device.
 fn wait_for_stop(c: &UblkCtrl, rx: &Mutex<mpsc::Receiver<Event>>) {
-    match rx.lock().unwrap().recv() {
-        Ok(Event::Stop) => tracing::info!("stopping"),
-        Ok(Event::QueueExited(q)) => tracing::warn!("queue {q} ended; stopping the device"),
-        Err(_) => {}
-    }
+    let hold = match rx.lock().unwrap().recv() {
+        Ok(Event::Stop(hold)) => {
+            tracing::info!("stopping");
+            hold
+        }
+        Ok(Event::QueueExited(q)) => {
+            tracing::warn!("queue {q} ended; stopping the device");
+            None
+        }
+        Err(_) => None,
+    };
     let _ = c.kill_dev();
+    // Stopped: nothing can swapon or mount it now. Deleting it waits for every opener.
+    drop(hold);
 }

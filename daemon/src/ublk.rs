@@ -83,9 +83,12 @@ pub fn device_state(id: u32) -> Result<DeviceState> {
 }
 
 /// Deletes device `id`, whose daemon is gone (`close` of a crashed device).
-pub fn delete_orphan(id: u32) -> Result<()> {
+pub fn delete_orphan(id: u32, hold: Option<std::fs::File>) -> Result<()> {
     let ctrl = UblkCtrl::new_simple(id as i32)
         .map_err(|e| anyhow::anyhow!("cannot open ublk device {id}: {e}"))?;
+    // Stopped while `hold` keeps others from claiming it; deleting waits for every opener.
+    let _ = ctrl.kill_dev();
+    drop(hold);
     ctrl.del_dev()
         .map_err(|e| anyhow::anyhow!("cannot delete ublk device {id}: {e}"))?;
     Ok(())

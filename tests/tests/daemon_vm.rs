@@ -595,3 +595,82 @@ fn backing_errors_are_eio_counted_and_in_the_kernel_log() {
     );
     assert!(out.console.contains("errors ok"));
 }
+
+/// The daemon itself refuses `close` of a device that is in use, even when asked straight
+/// through its socket (a client that skipped the check, or a swapon racing it); `close` of a
+/// device whose daemon died refuses while it is in use, keeps device and key, and says how to
+/// recover; a client that says nothing or sends too much does not hold up the control plane.
+/// (Issue 18, items 1, 2 and 11; before them the raw close deleted the swapped-on device, the
+/// orphan close deleted it too, and `status` waited behind the silent client.)
+#[test]
+fn close_refuses_devices_in_use_and_the_control_plane_stays_responsive() {
+    if !vm_or_skip("close_refuses_devices_in_use_and_the_control_plane_stays_responsive") {
+        return;
+    }
+    let out = swap_vm()
+        .binary(ublk_crypt_tests::release_binary("ctl-raw"))
+        .run(
+            r#"
+            dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name sw)
+            sock=/run/ublk-crypt/0.sock
+            mkswap $dev > /dev/null
+            swapon $dev
+            # A client that says nothing, then one that sends a megabyte without a newline.
+            ctl-raw --silent 20 $sock &
+            sleep 1
+            vm_section status-while-silent timeout 8 ublk-crypt status sw
+            vm_section flood timeout 15 ctl-raw --flood 1000000 $sock
+            # close straight through the socket, skipping the client's in-use check.
+            vm_section raw-close ctl-raw $sock close
+            sleep 1
+            vm_section after-raw-close sh -c "test -b $dev && grep -c '^/dev/ublkb0 ' /proc/swaps"
+            # The daemon dies; close must refuse while the device is swapped on.
+            kill -9 $(pidof ublk-crypt)
+            sleep 2
+            set +e; ublk-crypt close sw 2> /tmp/err; rc=$?; set -e
+            vm_begin orphan-close
+            echo "rc=$rc"; cat /tmp/err
+            test -e /sys/block/ublkb0 && echo device-kept
+            echo "keys=$(grep -c ublk-crypt /proc/keys)"
+            vm_end orphan-close
+            ublk-crypt recover sw
+            swapoff $dev
+            ublk-crypt close sw
+            vm_begin after-close
+            test -e /sys/block/ublkb0 && echo device-left || echo device-gone
+            echo "keys=$(grep -c ublk-crypt /proc/keys || true)"
+            vm_end after-close
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = |n: &str| out.section(n).unwrap_or_else(|| panic!("no section {n}"));
+    assert!(
+        s("status-while-silent").contains("sw is active"),
+        "status behind a silent client: {}",
+        s("status-while-silent")
+    );
+    assert!(s("flood").contains("too long"), "flood: {}", s("flood"));
+    let raw = s("raw-close");
+    assert!(
+        raw.contains("\"error\"") && raw.contains("in use"),
+        "the daemon accepted a close while swapped on: {raw}"
+    );
+    assert_eq!(
+        s("after-raw-close").trim(),
+        "1",
+        "swap gone after a raw close"
+    );
+    let orphan = s("orphan-close");
+    assert!(!orphan.contains("rc=0"), "orphan close succeeded: {orphan}");
+    assert!(
+        orphan.contains("ublk-crypt recover sw")
+            && orphan.contains("device-kept")
+            && orphan.contains("keys=1"),
+        "orphan close: {orphan}"
+    );
+    let after = s("after-close");
+    assert!(
+        after.contains("device-gone") && after.contains("keys=0"),
+        "after close: {after}"
+    );
+}
