@@ -3,7 +3,8 @@
 //! queues; the daemon's memory at idle and under load (default and --depth 128); and the
 //! crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
 //!
-//! `scripts/bench [--runtime SECS]` (builds the release binaries, then runs this).
+//! `scripts/bench [--runtime SECS] [--xts-tier TIER|detected]` (builds the release binaries,
+//! then runs this; the daemon's XTS tier in the VM is `portable` unless told otherwise).
 //!
 //! Under TCG every absolute figure is slow and host-dependent; only ratios inside one run mean
 //! anything, which is why every device runs in the same boot, one after the other.
@@ -78,9 +79,12 @@ const DEVICES: [(&str, &str, &str); 6] = [
     ),
 ];
 
-fn guest_script(runtime: u64) -> String {
-    let mut s = String::from(
-        r#"
+fn guest_script(runtime: u64, xts_tier: &str) -> String {
+    let mut s = match xts_tier {
+        "detected" => String::new(),
+        t => format!("export UBLK_CRYPT_XTS_TIER={t}\n"),
+    };
+    s += r#"
 mem() {  # LABEL: VmRSS and VmLck of the daemon, KiB
     p=$(pidof ublk-crypt)
     echo "$1 $(grep -F VmRSS /proc/$p/status | tr -s ' ' | cut -d' ' -f2) $(grep -F VmLck /proc/$p/status | tr -s ' ' | cut -d' ' -f2)"
@@ -90,8 +94,7 @@ vm_section env sh -c 'uname -r; grep -m1 "model name" /proc/cpuinfo; nproc; fio 
 # flags (the kernel's VAES path also needs VPCLMULQDQ), ublk-crypt's backend (from its status).
 vm_section aes-kernel awk '/^name/ {n=$3} /^driver/ {d=$3} /^priority/ {if (n == "xts(aes)" && $3 > b) {b=$3; bd=d}} END {print bd}' /proc/crypto
 vm_section cpu-flags sh -c 'grep -m1 "^flags" /proc/cpuinfo | tr " " "\n" | grep -xE "aes|pclmulqdq|avx2|avx512f|vaes|vpclmulqdq" | tr "\n" " "; echo'
-"#,
-    );
+"#;
     for (label, open, close) in DEVICES {
         let _ = writeln!(s, "{open}\necho \"device {label}: $dev\"");
         if label == "ublk-crypt" {
@@ -166,6 +169,16 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
+    // The daemon's XTS tier in the VM. TCG emulates every AES instruction, and the wide fused
+    // tiers most slowly (bench/results/history.md, run H): with the detected `vaes-avx2` the
+    // report measured the emulator, not the IO path. `portable` is what this VM runs fastest;
+    // `--xts-tier detected` leaves the daemon's own choice.
+    let xts_tier = args
+        .iter()
+        .position(|a| a == "--xts-tier")
+        .and_then(|i| args.get(i + 1))
+        .map_or("portable", String::as_str)
+        .to_string();
     let key: Vec<u8> = (0..64u32).map(|i| (i * 53 + 9) as u8).collect();
     eprintln!(
         "fio-bench: {} devices x {} jobs x {runtime} s in one VM boot",
@@ -185,7 +198,7 @@ fn main() {
         .file("/root/key", key)
         .stall_timeout(Duration::from_secs(120))
         .timeout(Duration::from_secs(3000))
-        .run(&guest_script(runtime))
+        .run(&guest_script(runtime, &xts_tier))
         .unwrap_or_else(|e| panic!("{e}"));
 
     let env = out.section("env").unwrap_or_default();
@@ -217,7 +230,13 @@ fn main() {
     let aes_ublk = out
         .section("status-ublk")
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v["aes_backend"].as_str().map(str::to_string))
+        .and_then(|v| {
+            Some(format!(
+                "{}, XTS tier {}",
+                v["aes_backend"].as_str()?,
+                v["xts_tier"].as_str().unwrap_or("?")
+            ))
+        })
         .unwrap_or_else(|| "?".into());
     let aes_kernel = out
         .section("aes-kernel")
