@@ -12,25 +12,8 @@ use ublk_crypt_crypto::{
     CipherSpec, CryptoError, Key, SectorCipher, SectorLayout, XtsCipher, XtsTier,
 };
 
-/// splitmix64: deterministic, seedable.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
-}
+mod common;
+use common::Rng;
 
 fn hex(s: &str) -> Vec<u8> {
     let s: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
