@@ -180,6 +180,21 @@ pub enum PoolError {
         /// The `errno` it failed with.
         errno: i32,
     },
+    /// Making or inspecting the shared region's memfd failed.
+    Shared {
+        /// The call that failed (`memfd_create`, `ftruncate`, `F_ADD_SEALS`, `fstat`).
+        what: &'static str,
+        /// The `errno` it failed with.
+        errno: i32,
+    },
+    /// The memfd to attach to is not the size this configuration's region needs (the other
+    /// process was started with another pool size).
+    SharedSize {
+        /// The region size this configuration needs.
+        expected: usize,
+        /// The memfd's size.
+        found: u64,
+    },
     /// `mlock` of the region failed. Never downgraded to an unlocked pool silently: an unlocked
     /// pool can be swapped out, which defeats the point of serving swap from it.
     Mlock {
@@ -231,6 +246,15 @@ impl fmt::Display for PoolError {
                 f,
                 "madvise({advice}) on the buffer pool failed: {}",
                 strerror(errno)
+            ),
+            PoolError::Shared { what, errno } => write!(
+                f,
+                "{what} for the shared buffer pool failed: {}",
+                strerror(errno)
+            ),
+            PoolError::SharedSize { expected, found } => write!(
+                f,
+                "the shared buffer pool is {found} bytes, this pool needs {expected}"
             ),
             PoolError::Mlock { bytes, errno } => write!(
                 f,

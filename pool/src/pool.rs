@@ -11,12 +11,13 @@ use std::marker::PhantomPinned;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::ptr::{self, NonNull};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use crate::config::PoolConfig;
-use crate::region::Region;
+use crate::region::{Memory, Region};
 use crate::PoolError;
 
 /// A fixed set of equally sized, locked, pre-faulted IO buffers with a per-queue reserve.
@@ -194,8 +195,32 @@ impl ReservePool {
     /// This is the only place the pool allocates heap memory (the free list and per-queue
     /// tables), so it belongs at daemon start-up, before any IO is served.
     pub fn new(config: PoolConfig) -> Result<ReservePool, PoolError> {
+        Self::build(config, Memory::Private)
+    }
+
+    /// Like [`new`](Self::new), with the region in a memfd ([`shared_fd`](Self::shared_fd))
+    /// that a standby process maps with [`attach`](Self::attach): the physical pages are
+    /// counted (and locked) once for both.
+    pub fn new_shareable(config: PoolConfig) -> Result<ReservePool, PoolError> {
+        Self::build(config, Memory::NewShared)
+    }
+
+    /// A pool over the region of another process's [`new_shareable`](Self::new_shareable)
+    /// pool, built from the same configuration. Its buffers are that process's buffers: use
+    /// them only once that process no longer does (a standby, after the daemon died). Mapping
+    /// writes nothing.
+    pub fn attach(config: PoolConfig, memfd: OwnedFd) -> Result<ReservePool, PoolError> {
+        Self::build(config, Memory::Attach(memfd))
+    }
+
+    /// The memfd behind a shareable or attached pool.
+    pub fn shared_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.region.memfd().map(|fd| fd.as_fd())
+    }
+
+    fn build(config: PoolConfig, memory: Memory) -> Result<ReservePool, PoolError> {
         let layout = config.layout()?;
-        let region = Region::new(layout.region_bytes, config.lock)?;
+        let region = Region::new(layout.region_bytes, config.lock, memory)?;
         let free: Vec<u32> = (0..layout.chunks as u32).rev().collect();
         let queues = (0..config.queues)
             .map(|_| QueueState {

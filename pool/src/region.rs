@@ -3,16 +3,34 @@
 //! Everything the IO path needs later must already be resident when [`Region::new`] returns:
 //! a page fault on the IO path is an allocation, and an allocation under memory pressure may
 //! wait on reclaim, which may wait on the very swap device this region serves.
+//!
+//! The region is anonymous memory, or (for a daemon and its standby) a sealed memfd that
+//! both processes map and lock: its physical pages are counted once, and the standby needs
+//! no fresh memory for buffers when it takes over.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use crate::PoolError;
 
-/// An anonymous private mapping that never grows, never shrinks, and is unmapped on drop.
+/// Where the region's pages come from.
+pub(crate) enum Memory {
+    /// Anonymous and private to this process.
+    Private,
+    /// A new memfd, to be shared with a standby process.
+    NewShared,
+    /// A memfd made by another process (the daemon this one stands by for): mapped as it is,
+    /// never written while mapping (the other process may be using its buffers).
+    Attach(OwnedFd),
+}
+
+/// A mapping that never grows, never shrinks, and is unmapped on drop.
 pub(crate) struct Region {
     ptr: NonNull<u8>,
     len: usize,
     locked: bool,
+    /// The memfd behind a shared region.
+    memfd: Option<OwnedFd>,
 }
 
 // SAFETY: `Region` owns its mapping exclusively; the raw pointer is only an address. Who may
@@ -37,18 +55,32 @@ fn page_size() -> usize {
 
 impl Region {
     /// Maps `len` bytes (non-zero), excludes them from core dumps and from forked children,
-    /// locks them if `lock`, and writes to every page so that each is backed by its own frame.
-    pub(crate) fn new(len: usize, lock: bool) -> Result<Region, PoolError> {
+    /// locks them if `lock`, and faults in every page so that each is backed by its own frame
+    /// (writing to it, unless attaching to another process's memory).
+    pub(crate) fn new(len: usize, lock: bool, memory: Memory) -> Result<Region, PoolError> {
         debug_assert!(len > 0);
-        // SAFETY: a fresh anonymous mapping with no address hint cannot alias any existing
-        // Rust object; the result is checked against MAP_FAILED before use.
+        let (memfd, attach) = match memory {
+            Memory::Private => (None, false),
+            Memory::NewShared => (Some(new_memfd(len)?), false),
+            Memory::Attach(fd) => {
+                check_memfd_size(&fd, len)?;
+                (Some(fd), true)
+            }
+        };
+        let (flags, fd) = match &memfd {
+            Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh mapping with no address hint cannot alias any existing Rust object
+        // (a shared one aliases only the other process's copy, which Rust does not see); the
+        // result is checked against MAP_FAILED before use.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                fd,
                 0,
             )
         };
@@ -67,6 +99,7 @@ impl Region {
             ptr,
             len,
             locked: false,
+            memfd,
         };
 
         // No plaintext or ciphertext in core dumps.
@@ -90,15 +123,28 @@ impl Region {
         // Pre-fault: write every page. `mlock` already populates a private writable mapping,
         // but an unlocked (torture) pool needs this, and writing — not reading, which would map
         // the shared zero page — guarantees every page owns a frame now, not on first IO.
+        // Attached memory already has its frames (its creator wrote every page): reading maps
+        // them, and writing could clobber a buffer the other process is using.
         let page = page_size();
         let mut off = 0;
         while off < len {
-            // SAFETY: off < len, so the byte is inside the mapping, which is writable and not
-            // yet shared with anyone.
-            unsafe { region.ptr.as_ptr().add(off).write_volatile(0) };
+            if attach {
+                // SAFETY: off < len, so the byte is inside the mapping, which is readable; a
+                // volatile read of a byte another process may write is a plain load here.
+                unsafe { region.ptr.as_ptr().add(off).read_volatile() };
+            } else {
+                // SAFETY: off < len, so the byte is inside the mapping, which is writable and
+                // not yet shared with anyone.
+                unsafe { region.ptr.as_ptr().add(off).write_volatile(0) };
+            }
             off += page;
         }
         Ok(region)
+    }
+
+    /// The memfd behind a shared region (`None` for a private one).
+    pub(crate) fn memfd(&self) -> Option<&OwnedFd> {
+        self.memfd.as_ref()
     }
 
     fn advise(&mut self, advice: libc::c_int, name: &'static str) -> Result<(), PoolError> {
@@ -120,6 +166,53 @@ impl Region {
     pub(crate) fn locked(&self) -> bool {
         self.locked
     }
+}
+
+/// A memfd of `len` bytes whose size is sealed. Not close-on-exec: the standby process the
+/// daemon starts inherits it (the daemon execs nothing else).
+fn new_memfd(len: usize) -> Result<OwnedFd, PoolError> {
+    let fail = |what| PoolError::Shared {
+        what,
+        errno: errno(),
+    };
+    // SAFETY: the name is a NUL-terminated literal; the result is checked before use.
+    let raw = unsafe { libc::memfd_create(c"ublk-crypt-pool".as_ptr(), libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(fail("memfd_create"));
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate and fcntl on our own descriptor have no memory-safety preconditions.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(fail("ftruncate"));
+    }
+    // Sealed size: neither process can shrink it under the other's mapping (SIGBUS).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(fail("F_ADD_SEALS"));
+    }
+    Ok(fd)
+}
+
+/// An attached memfd must be exactly the region this pool's configuration needs.
+fn check_memfd_size(fd: &OwnedFd, len: usize) -> Result<(), PoolError> {
+    // SAFETY: fstat writes into the zeroed struct we pass; the descriptor is ours.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(PoolError::Shared {
+            what: "fstat",
+            errno: errno(),
+        });
+    }
+    if st.st_size as u64 != len as u64 {
+        return Err(PoolError::SharedSize {
+            expected: len,
+            found: st.st_size as u64,
+        });
+    }
+    Ok(())
 }
 
 impl Drop for Region {

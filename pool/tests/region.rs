@@ -83,3 +83,33 @@ fn region_is_locked_resident_dontdump_dontfork_and_unmapped_on_drop() {
         );
     }
 }
+
+/// A standby's pool maps the daemon's buffers: what one writes, the other reads, attaching
+/// writes nothing, and a memfd of the wrong size is refused.
+#[test]
+fn a_shareable_pool_is_seen_by_an_attached_one() {
+    use std::os::fd::AsFd;
+    let config = PoolConfig {
+        budget_bytes: 1 << 20,
+        lock: false,
+        ..PoolConfig::with_queues(1)
+    };
+    let primary = ReservePool::new_shareable(config).unwrap();
+    let mut chunk = primary.try_acquire(0).unwrap();
+    let index = chunk.index();
+    chunk[..5].copy_from_slice(b"hello");
+    let fd = primary.shared_fd().unwrap().try_clone_to_owned().unwrap();
+    let standby = ReservePool::attach(config, fd).unwrap();
+    assert!(standby.shared_fd().is_some());
+    let seen = standby.try_acquire(0).unwrap();
+    assert_eq!(seen.index(), index, "same free list order in both");
+    assert_eq!(&seen[..5], b"hello", "attaching must not clear the buffers");
+    assert!(ReservePool::new(config).unwrap().shared_fd().is_none());
+    let fd = primary.shared_fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    let other = PoolConfig {
+        budget_bytes: 2 << 20,
+        ..config
+    };
+    let e = ReservePool::attach(other, fd).unwrap_err().to_string();
+    assert!(e.contains("this pool needs"), "{e}");
+}
