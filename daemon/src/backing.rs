@@ -4,6 +4,10 @@
 //! pages (the whole point of a swap device is that there are none to spare), and exclusively:
 //! `O_EXCL` on a block device (fails if it is mounted or held by dm-crypt or another
 //! ublk-crypt), a non-blocking `flock` on a file.
+//!
+//! A standby (`standby.rs`) cannot open it exclusively while the daemon it stands by for holds
+//! it: it opens it shared ([`Backing::open_for_standby`]) and claims it ([`Backing::claim`])
+//! the moment it has taken the device over.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -29,10 +33,52 @@ pub struct Backing {
 enum Handle {
     Device(File),
     File(Flock<File>),
+    /// Opened by a standby: not exclusive until [`Backing::claim`].
+    Shared(File),
+}
+
+/// What keeps a claimed backing exclusive: held for the rest of the process.
+pub struct Claim {
+    _hold: Handle,
 }
 
 impl Backing {
+    /// Opens the backing exclusively: the daemon that serves it.
     pub fn open(path: &Path, readonly: bool) -> Result<Backing> {
+        Self::open_with(path, readonly, true)
+    }
+
+    /// Opens the backing without claiming it: a standby, while the daemon holds it.
+    pub fn open_for_standby(path: &Path, readonly: bool) -> Result<Backing> {
+        Self::open_with(path, readonly, false)
+    }
+
+    /// Makes a standby's backing exclusive once it serves the device (the daemon that held it
+    /// is gone): an `O_EXCL` open of the block device, or the `flock` on the file.
+    pub fn claim(&self) -> Result<Claim> {
+        let Handle::Shared(file) = &self.handle else {
+            bail!("the backing is claimed already");
+        };
+        let path = self.path.display();
+        let hold = if self.block_device {
+            Handle::Device(
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+                    .open(&self.path)
+                    .with_context(|| format!("cannot claim backing {path}"))?,
+            )
+        } else {
+            // A duplicate shares the open file description, so this locks the one in use.
+            Handle::File(
+                Flock::lock(file.try_clone()?, FlockArg::LockExclusiveNonblock)
+                    .map_err(|(_, e)| anyhow::anyhow!("cannot lock backing {path}: {e}"))?,
+            )
+        };
+        Ok(Claim { _hold: hold })
+    }
+
+    fn open_with(path: &Path, readonly: bool, exclusive: bool) -> Result<Backing> {
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 anyhow::anyhow!("backing {} does not exist", path.display())
@@ -51,7 +97,7 @@ impl Backing {
             if direct {
                 flags |= libc::O_DIRECT;
             }
-            if block_device {
+            if block_device && exclusive {
                 flags |= libc::O_EXCL;
             }
             OpenOptions::new()
@@ -83,7 +129,9 @@ impl Backing {
         } else {
             512
         };
-        let handle = if block_device {
+        let handle = if !exclusive {
+            Handle::Shared(file)
+        } else if block_device {
             Handle::Device(file)
         } else {
             Handle::File(
@@ -111,7 +159,7 @@ impl Backing {
 
     pub fn file(&self) -> &File {
         match &self.handle {
-            Handle::Device(f) => f,
+            Handle::Device(f) | Handle::Shared(f) => f,
             Handle::File(f) => f,
         }
     }

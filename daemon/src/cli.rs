@@ -67,6 +67,22 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
     },
+    /// Replace the daemon of a device by the binary this command runs from (after a package
+    /// upgrade), with no IO error and no swapoff: a standby from the new binary is started and
+    /// takes over when the old daemon hands the device over. Prints the longest IO pause.
+    Upgrade {
+        /// Device name, id, or /dev/ublkbN path.
+        device: String,
+    },
+    /// The standby process of device ID, started by its daemon (internal).
+    #[command(hide = true)]
+    Standby {
+        /// The device id.
+        id: u32,
+        /// The daemon's pool memfd, inherited under this descriptor number.
+        #[arg(long)]
+        pool_fd: i32,
+    },
     /// Throughput of every supported cipher and key size on this machine, in memory, like
     /// `cryptsetup benchmark` (needs no ublk and no privileges).
     Benchmark(BenchmarkArgs),
@@ -185,6 +201,12 @@ pub struct OpenArgs {
     #[arg(long)]
     pub pin_queues: bool,
 
+    /// Serve without a standby process. By default a second, pre-locked process stands by and
+    /// takes the device over within milliseconds if the daemon dies (even with no free memory),
+    /// and makes `upgrade` possible; it adds a few MiB of locked memory (the pool is shared).
+    #[arg(long)]
+    pub no_standby: bool,
+
     /// Stay in the foreground; under systemd (Type=notify) signal readiness.
     #[arg(long)]
     pub foreground: bool,
@@ -223,6 +245,7 @@ impl OpenArgs {
                 .crypto_threads
                 .unwrap_or_else(DeviceConfig::default_crypto_threads),
             pin_queues: self.pin_queues,
+            standby: !self.no_standby,
             protections: !self.test_disable_protections,
             foreground: self.foreground,
             backing: self.backing,
@@ -254,6 +277,8 @@ pub fn run() -> Result<ExitCode> {
         Command::List { json } => client::list(json),
         Command::Status { device, json } => client::status(&device, json),
         Command::Recover { device, foreground } => device::recover(&device, foreground),
+        Command::Upgrade { device } => client::upgrade(&device),
+        Command::Standby { id, pool_fd } => device::standby(id, pool_fd),
         Command::Benchmark(args) => benchmark::benchmark(args),
         Command::Completions { shell } => docs::completions(&Cli::command(), shell),
         Command::Manpage { dir } => docs::manpage(&Cli::command(), dir.as_deref()),

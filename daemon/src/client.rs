@@ -2,39 +2,15 @@
 //! processes: `close`, `list` and `status`. They find a device by its record
 //! (`records.rs`) and talk to its daemon over the control socket (`control.rs`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::control::{hold_unless_in_use, refuse_if_in_use, Status};
-use crate::records::{self, DeviceRecord};
+use crate::control_request::{reply_error, request, request_with};
+use crate::records;
 use crate::{keyring, ublk};
-
-/// Sends one request to a daemon's control socket and returns its one-line answer.
-fn request(rec: &DeviceRecord, what: &str) -> Result<String> {
-    let path = rec.socket_path();
-    let mut s = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the daemon of {} at {}",
-            rec.name,
-            path.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(s, "{what}")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    Ok(line)
-}
-
-/// The daemon's `{"error": ...}` reply, if it is one.
-fn reply_error(reply: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(reply.trim()).ok()?;
-    v.get("error")?.as_str().map(str::to_string)
-}
 
 /// `ublk-crypt close NAME|ID`.
 pub fn close(device: &str) -> Result<ExitCode> {
@@ -132,6 +108,52 @@ pub fn list(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ublk-crypt upgrade NAME|ID`: the device's daemon starts a standby from this binary and
+/// hands over to it; this waits until the new daemon serves the device and prints how long the
+/// device had no server.
+pub fn upgrade(device: &str) -> Result<ExitCode> {
+    let rec = records::resolve(device)?;
+    let exe = std::env::current_exe().context("cannot find this binary's path")?;
+    let reply = request_with(&rec, &format!("upgrade {}", exe.display()), UPGRADE_WAIT)?;
+    if let Some(e) = reply_error(&reply) {
+        bail!("upgrade of {} refused: {e}", rec.name);
+    }
+    let v: serde_json::Value = serde_json::from_str(reply.trim())
+        .with_context(|| format!("malformed reply from the daemon: {}", reply.trim()))?;
+    let new_pid = v["handing_over_to"]
+        .as_u64()
+        .with_context(|| format!("malformed reply from the daemon: {}", reply.trim()))?;
+    let deadline = Instant::now() + UPGRADE_WAIT;
+    loop {
+        let served = records::load(rec.id)
+            .ok()
+            .filter(|r| u64::from(r.pid) == new_pid)
+            .and_then(|r| request(&r, "status").ok())
+            .and_then(|l| serde_json::from_str::<Status>(&l).ok());
+        if let Some(t) = served.and_then(|s| s.last_takeover) {
+            println!(
+                "{} ({}) upgraded: pid {} -> {new_pid}, {}; longest IO pause {:.1} ms",
+                rec.name,
+                rec.bdev_path(),
+                rec.pid,
+                exe.display(),
+                t.gap_ms
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} was handed over to pid {new_pid}, which does not serve it after {UPGRADE_WAIT:?}",
+                rec.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long `upgrade` waits for the new standby, then for the new daemon.
+const UPGRADE_WAIT: Duration = Duration::from_secs(90);
+
 /// `ublk-crypt status NAME|ID`.
 pub fn status(device: &str, json: bool) -> Result<ExitCode> {
     let rec = records::resolve(device)?;
@@ -170,6 +192,23 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
         s.pool.waits,
         s.pool.reserve_hits
     );
+    match (&s.standby, d.standby) {
+        (Some(sb), _) => println!(
+            "  standby:     pid {}, {}, locked {} KiB (of which {} KiB is the shared pool)",
+            sb.pid,
+            if sb.ready { "ready" } else { "starting" },
+            sb.vm_lck_kib,
+            sb.shared_pool_kib
+        ),
+        (None, true) => println!("  standby:     none running (being restarted)"),
+        (None, false) => println!("  standby:     off (--no-standby)"),
+    }
+    if let Some(t) = &s.last_takeover {
+        println!(
+            "  takeover:    from pid {} ({}), {:.1} ms without a server",
+            t.previous_pid, t.kind, t.gap_ms
+        );
+    }
     for q in &s.queues {
         println!(
             "  queue {}:     reads {} ({} B), writes {} ({} B), flushes {}, discards {}, errors {}, split {}, pool waits {}",

@@ -49,6 +49,8 @@ pub struct DeviceConfig {
     /// Crypto worker threads (0: the AES runs on the queue threads only).
     pub crypto_threads: usize,
     pub pin_queues: bool,
+    /// A standby process that takes the device over if this daemon dies (`standby.rs`).
+    pub standby: bool,
     /// The OOM protections; off only in the torture test.
     pub protections: bool,
     /// Stay in the foreground (systemd's Type=notify) instead of daemonizing.
@@ -95,6 +97,7 @@ impl DeviceConfig {
             max_io_kib: rec.max_io_kib,
             crypto_threads: rec.crypto_threads,
             pin_queues: rec.pin_queues,
+            standby: rec.standby,
             protections: rec.protections,
             foreground,
         };
@@ -186,6 +189,7 @@ impl DeviceConfig {
             max_io_kib: self.max_io_kib,
             crypto_threads: self.crypto_threads,
             pin_queues: self.pin_queues,
+            standby: self.standby,
             protections: self.protections,
             pid: std::process::id(),
         }
@@ -238,6 +242,7 @@ mod tests {
             max_io_kib: 512,
             crypto_threads: 2,
             pin_queues: false,
+            standby: true,
             protections: true,
             foreground: false,
         }

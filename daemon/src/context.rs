@@ -4,7 +4,7 @@
 //! Made once, before the device goes live, and leaked: every thread holds a `&'static` to it
 //! for the rest of the process, so nothing on the IO path counts references or locks.
 
-use std::sync::atomic::AtomicI32;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32};
 use std::sync::mpsc;
 
 use ublk_crypt_crypto::SectorCipher;
@@ -43,6 +43,42 @@ pub struct DeviceContext {
     pub events: mpsc::Sender<Event>,
     /// Each queue thread's tid, stored when it starts (0 before).
     pub queue_tids: Vec<AtomicI32>,
+    /// This device's standby process, and how this process came to serve the device.
+    pub standby: StandbyState,
+}
+
+/// The standby of a served device (`standby.rs`, `keeper.rs`), shared by the keeper thread that
+/// starts it and the control plane that hears from it.
+#[derive(Default)]
+pub struct StandbyState {
+    /// Whether this device has standbys at all (`--no-standby` turns them off).
+    pub enabled: bool,
+    /// The pool's memfd, as the descriptor number a standby inherits (`-1`: none).
+    pub pool_fd: i32,
+    /// The standby process started last (0: none now).
+    pub pid: AtomicU32,
+    /// The standby an upgrade started, from the new binary (0: none).
+    pub upgrade_pid: AtomicU32,
+    /// The last standby that told the control socket it is ready to take over.
+    pub ready_pid: AtomicU32,
+    /// Set when the device is stopping or being handed over: the keeper starts no standby.
+    pub quiet: AtomicBool,
+    /// How this process took the device over from a previous daemon, if it did.
+    pub takeover: std::sync::OnceLock<Takeover>,
+}
+
+/// One takeover: a standby becoming the daemon of the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover {
+    /// When the device was served again, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// From the moment the previous daemon was seen gone to the device live again: how long
+    /// the device had no server (its IO waited in the kernel meanwhile).
+    pub gap_us: u64,
+    /// Whether the previous daemon handed over (`upgrade`) rather than died.
+    pub upgrade: bool,
+    /// The previous daemon's pid.
+    pub previous_pid: u32,
 }
 
 impl DeviceContext {

@@ -4,14 +4,20 @@
 //! It runs on its own thread with a single-threaded tokio runtime, far from the IO path: the
 //! queue threads never wait on it, and it may allocate freely. Requests on the socket
 //! (`/run/ublk-crypt/<id>.sock`, mode 0600) are one line: `status` answers one JSON line,
-//! `close` stops the device. SIGTERM and SIGINT stop the device too (systemd's stop).
+//! `close` stops the device, `upgrade EXE` hands it over to a standby from the binary EXE
+//! (`keeper.rs`), and `standby-ready PID` is a standby saying it can take over. SIGTERM and
+//! SIGINT stop the device too (systemd's stop).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::Ordering;
+
 use crate::context::{DeviceContext, Event};
 use crate::hardening;
+use crate::keeper;
 use crate::records::{self, DeviceRecord};
+use crate::standby;
 use crate::stats::QueueSnapshot;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +59,34 @@ pub struct Status {
     /// capped by `UBLK_CRYPT_XTS_TIER`).
     #[serde(default)]
     pub xts_tier: String,
+    /// The standby process (`None`: none running, or `--no-standby`).
+    #[serde(default)]
+    pub standby: Option<StandbyStatus>,
+    /// How this daemon took the device over from the previous one, if it did.
+    #[serde(default)]
+    pub last_takeover: Option<TakeoverStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StandbyStatus {
+    pub pid: u32,
+    /// It said it is ready to take over (everything it needs is made and locked).
+    pub ready: bool,
+    /// Its locked memory, KiB (the shared pool included, counted in both processes).
+    pub vm_lck_kib: u64,
+    /// The part of each process's locked memory that is the one shared pool, KiB.
+    pub shared_pool_kib: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TakeoverStatus {
+    /// Milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// How long the device had no server, in milliseconds.
+    pub gap_ms: f64,
+    /// `crash` (the previous daemon died) or `upgrade` (it handed over).
+    pub kind: String,
+    pub previous_pid: u32,
 }
 
 fn status_of(ctx: &DeviceContext) -> Status {
@@ -70,8 +104,28 @@ fn status_of(ctx: &DeviceContext) -> Status {
             }
         })
         .collect();
-    let (rss, lck) = self_memory();
+    let (rss, lck) = memory_of("self");
     let device = ctx.record.clone();
+    let sb = &ctx.standby;
+    let standby = match sb.pid.load(Ordering::Acquire) {
+        0 => None,
+        pid => Some(StandbyStatus {
+            pid,
+            ready: sb.ready_pid.load(Ordering::Acquire) == pid,
+            vm_lck_kib: memory_of(&pid.to_string()).1,
+            shared_pool_kib: if sb.pool_fd >= 0 {
+                (p.chunks_total * p.chunk_bytes) as u64 >> 10
+            } else {
+                0
+            },
+        }),
+    };
+    let last_takeover = sb.takeover.get().map(|t| TakeoverStatus {
+        at_unix_ms: t.at_unix_ms,
+        gap_ms: t.gap_us as f64 / 1000.0,
+        kind: if t.upgrade { "upgrade" } else { "crash" }.to_string(),
+        previous_pid: t.previous_pid,
+    });
     Status {
         path: device.bdev_path(),
         device,
@@ -89,11 +143,14 @@ fn status_of(ctx: &DeviceContext) -> Status {
         vm_lck_kib: lck,
         aes_backend: ublk_crypt_crypto::aes_backend().to_string(),
         xts_tier: ublk_crypt_crypto::xts_tier().to_string(),
+        standby,
+        last_takeover,
     }
 }
 
-fn self_memory() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// VmRSS and VmLck of process `pid` (`self` for this one), KiB.
+fn memory_of(pid: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -155,17 +212,20 @@ fn stop_unless_in_use(ctx: &DeviceContext, why: &str) -> Result<()> {
 const CLIENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 const MAX_REQUEST: u64 = 256;
 
-/// One control client: one request line (at most [`MAX_REQUEST`] bytes), one reply line.
+/// One control client: one request line (at most [`MAX_REQUEST`] bytes, within
+/// [`CLIENT_DEADLINE`]), one reply line.
 async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStream) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     let mut rd = tokio::io::BufReader::new(rd.take(MAX_REQUEST));
-    if rd.read_line(&mut line).await.is_err() {
-        return;
+    match tokio::time::timeout(CLIENT_DEADLINE, rd.read_line(&mut line)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
     }
     let json_error =
         |e: &dyn std::fmt::Display| serde_json::json!({ "error": e.to_string() }).to_string();
+    let mut handover = None;
     let reply = match line.trim() {
         "status" => serde_json::to_string(&status_of(ctx)).unwrap_or_default(),
         // The daemon checks too, holding the device from the check to the stop: a client that
@@ -178,13 +238,50 @@ async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStrea
             "request '{}…' too long or cut",
             other.escape_default()
         )),
-        other => json_error(&format_args!(
-            "unknown request '{}'",
-            other.escape_default()
-        )),
+        other => match other.split_once(' ') {
+            Some(("standby-ready", pid)) => match standby_ready(ctx, pid) {
+                Ok(()) => "{\"ok\":true}".to_string(),
+                Err(e) => json_error(&format_args!("{e:#}")),
+            },
+            Some(("upgrade", exe)) => {
+                let exe = std::path::PathBuf::from(exe);
+                // Blocking (it waits for the new standby), and far from the IO path.
+                match tokio::task::spawn_blocking(move || keeper::upgrade(ctx, &exe)).await {
+                    Ok(Ok(up)) => {
+                        let reply = serde_json::json!({ "handing_over_to": up.pid }).to_string();
+                        handover = Some(up.pipe);
+                        reply
+                    }
+                    Ok(Err(e)) => json_error(&format_args!("{e:#}")),
+                    Err(e) => json_error(&e),
+                }
+            }
+            _ => json_error(&format_args!(
+                "unknown request '{}'",
+                other.escape_default()
+            )),
+        },
     };
     let _ = wr.write_all(reply.as_bytes()).await;
     let _ = wr.write_all(b"\n").await;
+    let _ = wr.flush().await;
+    if let Some(pipe) = handover {
+        standby::hand_over(pipe);
+    }
+}
+
+/// `standby-ready PID`: only a standby this daemon started counts.
+fn standby_ready(ctx: &DeviceContext, pid: &str) -> Result<()> {
+    let pid: u32 = pid.parse().context("standby-ready: not a pid")?;
+    let sb = &ctx.standby;
+    if pid == 0
+        || (pid != sb.pid.load(Ordering::Acquire) && pid != sb.upgrade_pid.load(Ordering::Acquire))
+    {
+        bail!("pid {pid} is not a standby of this daemon");
+    }
+    sb.ready_pid.store(pid, Ordering::Release);
+    tracing::info!("standby {pid} is ready to take over");
+    Ok(())
 }
 
 async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net::UnixListener) {
@@ -211,9 +308,7 @@ async fn control_loop(ctx: &'static DeviceContext, listener: std::os::unix::net:
                 let Ok((stream, _)) = conn else { continue };
                 // Each client on its own, with a deadline: one that connects and says nothing
                 // must not hold up `status`, `close` or the signals.
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(CLIENT_DEADLINE, serve_client(ctx, stream)).await;
-                });
+                tokio::spawn(serve_client(ctx, stream));
             }
         }
     }

@@ -8,9 +8,11 @@
 //! geometry, the key, the cipher, the pool), then the device is added; any failure after that
 //! deletes it again.
 
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use libublk::ctrl::UblkCtrl;
@@ -20,14 +22,16 @@ use ublk_crypt_pool::{PoolConfig, ReservePool};
 
 use crate::backing::{Backing, Geometry};
 use crate::config::{DeviceConfig, KeySource};
-use crate::context::{DeviceContext, Event};
+use crate::context::{DeviceContext, Event, StandbyState, Takeover};
 use crate::hardening::{self, Protections};
 use crate::io::RateLimit;
 use crate::offload::CryptoWorkers;
+use crate::queue_threads::QueueThreads;
 use crate::readiness::{init_logging, sd_notify, Readiness};
 use crate::records;
+use crate::standby::{self, Standby};
 use crate::stats::QueueCounters;
-use crate::{control, keyring, queue, ublk};
+use crate::{control, keeper, keyring, queue, ublk};
 
 /// `ublk-crypt open`: creates the device, or re-attaches to device `--id N` if it waits for
 /// recovery (systemd restarting the daemon after a crash).
@@ -105,14 +109,18 @@ struct Prepared {
 
 /// Opens the backing, checks the geometry, reads the key (from its source, or the keyring's
 /// copy when recovering) and makes the cipher.
-fn prepare(config: DeviceConfig) -> Result<Prepared> {
+fn prepare(config: DeviceConfig, standby: bool) -> Result<Prepared> {
     // Recovery reads the kept key first: without it nothing else matters.
     let kept = match (&config.key, config.id) {
         (KeySource::Kept, Some(id)) => Some(keyring::kept_key(id, config.key_bytes())?),
         (KeySource::Kept, None) => bail!("recovery needs the device id"),
         (KeySource::Read(_), _) => None,
     };
-    let backing = Backing::open(&config.backing, config.readonly)?;
+    let backing = if standby {
+        Backing::open_for_standby(&config.backing, config.readonly)?
+    } else {
+        Backing::open(&config.backing, config.readonly)?
+    };
     let geometry = Geometry::new(
         backing.size,
         config.offset,
@@ -144,12 +152,50 @@ fn prepare(config: DeviceConfig) -> Result<Prepared> {
 /// Serves the device `config` describes until it is stopped: forks (unless in the
 /// foreground), then [`run`]; a start-up failure reaches the waiting parent too.
 fn serve(config: DeviceConfig) -> Result<ExitCode> {
-    let prepared = prepare(config)?;
+    let role = if config.recovering() {
+        Role::Recover
+    } else {
+        Role::Create
+    };
+    let prepared = prepare(config, false)?;
     let Some(readiness) = Readiness::start(prepared.config.foreground)? else {
         return Ok(ExitCode::SUCCESS); // the parent, done
     };
+    serve_as(prepared, readiness, role)
+}
+
+/// `ublk-crypt standby ID --pool-fd N`, started by the daemon of device ID (`keeper.rs`):
+/// everything a daemon does before its device, then the wait, then the takeover.
+pub fn standby(id: u32, pool_fd: i32) -> Result<ExitCode> {
+    hardening::io_flusher_for_recovery();
+    init_logging();
+    let sb = Standby::new(pool_fd)?;
+    let rec = records::load(id).with_context(|| format!("standby: no record of device {id}"))?;
+    let config = DeviceConfig::from_record(&rec, true)?;
+    let prepared = prepare(config, true)?;
+    serve_as(
+        prepared,
+        Readiness::Foreground,
+        Role::Standby {
+            standby: sb,
+            previous_pid: rec.pid,
+        },
+    )
+}
+
+/// How this process comes to serve the device.
+enum Role {
+    /// A new device.
+    Create,
+    /// A device whose daemon died, re-attached now (`recover`, `open --id`).
+    Recover,
+    /// A device served by another daemon, taken over when that one is gone.
+    Standby { standby: Standby, previous_pid: u32 },
+}
+
+fn serve_as(prepared: Prepared, readiness: Readiness, role: Role) -> Result<ExitCode> {
     let readiness = Arc::new(Mutex::new(Some(readiness)));
-    match run(prepared, readiness.clone()) {
+    match run(prepared, readiness.clone(), role) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             if let Some(mut r) = readiness.lock().unwrap().take() {
@@ -160,10 +206,11 @@ fn serve(config: DeviceConfig) -> Result<ExitCode> {
     }
 }
 
-/// The pool of IO buffers, sized by `--pool-mib` and shared out by the queues' depth.
-fn make_pool(config: &DeviceConfig) -> Result<ReservePool> {
+/// The pool of IO buffers, sized by `--pool-mib` and shared out by the queues' depth: shareable
+/// when the device has standbys, the daemon's own when this is one.
+fn make_pool(config: &DeviceConfig, role: &Role) -> Result<ReservePool> {
     let budget_bytes = config.pool_mib << 20;
-    ReservePool::new(PoolConfig {
+    let pool_config = PoolConfig {
         budget_bytes,
         chunk_bytes: ublk_crypt_pool::chunk_bytes_for(
             budget_bytes,
@@ -171,7 +218,12 @@ fn make_pool(config: &DeviceConfig) -> Result<ReservePool> {
         ),
         lock: config.protections,
         ..PoolConfig::with_queues(usize::from(config.queues))
-    })
+    };
+    match role {
+        Role::Standby { standby, .. } => ReservePool::attach(pool_config, standby.pool_memfd()?),
+        _ if config.standby => ReservePool::new_shareable(pool_config),
+        _ => ReservePool::new(pool_config),
+    }
     .context("IO buffer pool")
 }
 
@@ -193,8 +245,10 @@ impl Cleanup {
     }
 }
 
-/// Everything after `prepare`, in the serving process.
-fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>) -> Result<()> {
+/// Everything after `prepare`, in the serving process: what allocates first (protections, pool,
+/// crypto workers, queue threads), then the device (created, re-attached, or — a standby —
+/// waited for and taken over), served until it is stopped.
+fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role) -> Result<()> {
     let Prepared {
         config,
         backing,
@@ -207,17 +261,31 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>) -> Result<(
     };
     crate::kernel_log::open();
     hardening::protect_process(protections)?;
-    let pool = make_pool(&config)?;
+    let pool: &'static ReservePool = Box::leak(Box::new(make_pool(&config, &role)?));
+    let cipher: &'static SectorCipher = Box::leak(Box::new(cipher));
+    let workers = match config.crypto_threads {
+        0 => None,
+        n => Some(CryptoWorkers::start(
+            cipher,
+            usize::from(config.queues) * usize::from(config.depth),
+            n,
+            protections,
+            || {},
+        )?),
+    };
+    let threads = QueueThreads::spawn(config.queues, config.depth, protections)?;
 
     let shape = ublk::Shape {
         queues: config.queues,
         depth: config.depth,
         max_io_kib: config.max_io_kib,
     };
-    let creating = !config.recovering();
-    let ctrl = match config.id {
-        Some(id) if !creating => ublk::recover(id, &shape)?,
-        id => ublk::create(id, &shape)?,
+    let creating = matches!(role, Role::Create);
+    let ctrl = match (&role, config.id) {
+        (Role::Create, id) => ublk::create(id, &shape)?,
+        (Role::Recover, Some(id)) => ublk::recover(id, &shape)?,
+        (Role::Standby { .. }, Some(id)) => ublk::attach_for_recovery(id, &shape)?,
+        (_, None) => bail!("recovery needs the device id"),
     };
     let id = ctrl.dev_info().dev_id;
     let record = config.record(id, geometry.size);
@@ -226,23 +294,14 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>) -> Result<(
         keyring::keep_key(id, &key).map_err(|e| cleanup.undo(e))?;
     }
     drop(key);
-    records::save(&record).map_err(|e| cleanup.undo(e))?;
+    if !matches!(role, Role::Standby { .. }) {
+        records::save(&record).map_err(|e| cleanup.undo(e))?;
+    }
 
     let (tx, rx) = mpsc::channel();
-    let cipher: &'static SectorCipher = Box::leak(Box::new(cipher));
-    let pool: &'static ReservePool = Box::leak(Box::new(pool));
-    let workers = match config.crypto_threads {
-        0 => None,
-        n => Some(
-            CryptoWorkers::start(
-                cipher,
-                usize::from(config.queues) * usize::from(config.depth),
-                n,
-                protections,
-                || {},
-            )
-            .map_err(|e| cleanup.undo(e))?,
-        ),
+    let pool_fd = match &role {
+        Role::Standby { standby, .. } => standby.pool_fd(),
+        _ => pool.shared_fd().map_or(-1, |fd| fd.as_raw_fd()),
     };
     let ctx: &'static DeviceContext = Box::leak(Box::new(DeviceContext {
         counters: (0..config.queues)
@@ -258,31 +317,49 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>) -> Result<(
         protections,
         events: tx,
         queue_tids: (0..config.queues).map(|_| AtomicI32::new(0)).collect(),
+        standby: StandbyState {
+            enabled: config.standby,
+            pool_fd,
+            ..StandbyState::default()
+        },
     }));
-    control::spawn(ctx).map_err(|e| cleanup.undo(e))?;
+
+    if let Role::Standby {
+        standby,
+        previous_pid,
+    } = &role
+    {
+        // What recovery reads must be in RAM now: the daemon's lock on it ends with it.
+        for file in [records::record_path(id), ctrl.run_path().into()] {
+            if let Err(e) = records::keep_in_memory(&file) {
+                tracing::warn!("{e:#}: the takeover may block if it is swapped out");
+            }
+        }
+        if let Err(e) = standby.announce_ready(&ctx.record) {
+            tracing::warn!("standby: {e:#}");
+        }
+        let gone = standby.wait_for_primary();
+        if !standby::begin_recovery(&ctrl, id)? {
+            tracing::info!("device {id} was closed: the standby is not needed");
+            return Ok(());
+        }
+        let _ = TAKEOVER_STARTED.set((gone.at, gone.upgrade, *previous_pid));
+    } else {
+        control::spawn(ctx).map_err(|e| cleanup.undo(e))?;
+    }
 
     let path = ctx.record.bdev_path();
-    let became_ready = Arc::new(AtomicBool::new(false));
-    let device_fn = {
-        let (readiness, became_ready) = (readiness.clone(), became_ready.clone());
-        let rx = Mutex::new(rx);
-        let pin_queues = config.pin_queues;
-        // Runs on this thread once every queue has fetched and the device is live.
-        move |c: &UblkCtrl| {
-            c.disown(); // from now on only an explicit stop deletes the device, never a Drop
-            became_ready.store(true, Ordering::Release);
-            went_live(c, ctx, pin_queues, &readiness);
-            wait_for_stop(c, &rx);
-        }
-    };
-    let run = ctrl.run_target(
-        move |dev: &mut UblkDev| ublk::set_params(dev, ctx),
-        move |qid: u16, dev: &UblkDev| queue::serve_queue(qid, dev, ctx),
-        device_fn,
-    );
+    let became_ready = AtomicBool::new(false);
+    let pin_queues = config.pin_queues;
+    let run = serve_device(&ctrl, threads, ctx, |c| {
+        c.disown(); // from now on only an explicit stop deletes the device, never a Drop
+        became_ready.store(true, Ordering::Release);
+        went_live(c, ctx, pin_queues, &readiness);
+        wait_for_stop(c, ctx, &rx);
+    });
     let ready = became_ready.load(Ordering::Acquire);
     match run {
-        Ok(_) if ready => {
+        Ok(()) if ready => {
             // Clean stop (close or SIGTERM): delete the device and forget its key.
             let _ = ctrl.del_dev();
             keyring::forget_key(id);
@@ -291,7 +368,7 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>) -> Result<(
             tracing::info!("{path} closed");
             Ok(())
         }
-        Ok(_) => Err(cleanup.undo(anyhow::anyhow!("the device stopped before it became live"))),
+        Ok(()) => Err(cleanup.undo(anyhow::anyhow!("the device stopped before it became live"))),
         Err(e) => {
             if creating {
                 let _ = ctrl.del_dev_async();
@@ -305,15 +382,48 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>) -> Result<(
     }
 }
 
-/// The device is live: final CPU affinities, readiness, and what recovery will need kept in
-/// RAM.
+/// A standby's takeover under way: when it saw its daemon gone (the start of the device's time
+/// without a server), whether that one handed over, and its pid.
+static TAKEOVER_STARTED: OnceLock<(Instant, bool, u32)> = OnceLock::new();
+
+/// libublk's `run_target`, with queue threads made beforehand ([`QueueThreads`]): the device's
+/// parameters, the queues handed their threads, the device started (or its recovery ended),
+/// then `live` on this thread until the device stops, then the queue threads joined.
+fn serve_device(
+    ctrl: &UblkCtrl,
+    threads: QueueThreads,
+    ctx: &'static DeviceContext,
+    live: impl FnOnce(&UblkCtrl),
+) -> Result<(), libublk::UblkError> {
+    let dev = Arc::new(UblkDev::new(
+        ctrl.get_name(),
+        |dev: &mut UblkDev| ublk::set_params(dev, ctx),
+        ctrl,
+    )?);
+    let handles = threads.start(ctrl, &dev, ctx);
+    ctrl.start_dev(&dev)?;
+    live(ctrl);
+    for h in handles {
+        let _ = h.join();
+    }
+    // The device may have been deleted from elsewhere: an error here is normal.
+    let _ = ctrl.stop_dev();
+    Ok(())
+}
+
+/// The device is live: a standby's takeover finished (its time, the backing claimed, the record
+/// and control socket made its own, a standby of its own), final CPU affinities, readiness, and
+/// what recovery will need kept in RAM.
 fn went_live(
     c: &UblkCtrl,
-    ctx: &DeviceContext,
+    ctx: &'static DeviceContext,
     pin_queues: bool,
     readiness: &Mutex<Option<Readiness>>,
 ) {
     let path = ctx.record.bdev_path();
+    if let Some(&(t0, upgrade, previous_pid)) = TAKEOVER_STARTED.get() {
+        finish_takeover(ctx, t0, upgrade, previous_pid);
+    }
     // Before READY=1 and `open` returning: whoever sees the device sees final affinities.
     if !pin_queues {
         queue::unpin_queue_threads(ctx);
@@ -342,12 +452,46 @@ fn went_live(
             ctx.backing.path.display()
         );
     }
+    if let Err(e) = keeper::spawn(ctx) {
+        tracing::warn!("{e:#}: serving without a standby");
+    }
+}
+
+/// The rest of a takeover, once the device is served again (allocating is safe now: reclaim
+/// can write to swap again).
+fn finish_takeover(ctx: &'static DeviceContext, t0: Instant, upgrade: bool, previous_pid: u32) {
+    let gap = t0.elapsed();
+    let done = Takeover {
+        at_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        gap_us: gap.as_micros() as u64,
+        upgrade,
+        previous_pid,
+    };
+    let _ = ctx.standby.takeover.set(done);
+    tracing::info!(
+        "took device {} over from pid {previous_pid} ({}): {:.1} ms without a server",
+        ctx.record.id,
+        if upgrade { "upgrade" } else { "crash" },
+        gap.as_secs_f64() * 1000.0
+    );
+    match ctx.backing.claim() {
+        Ok(claim) => std::mem::forget(claim), // exclusive for the rest of the process
+        Err(e) => tracing::warn!("{e:#}"),
+    }
+    if let Err(e) = records::save(&ctx.record) {
+        tracing::warn!("cannot update the device record: {e:#}");
+    }
+    if let Err(e) = control::spawn(ctx) {
+        tracing::error!("{e:#}: `status`, `close` and `upgrade` cannot reach this daemon");
+    }
 }
 
 /// Blocks the device's main thread until a stop is asked for (close, SIGTERM) or a queue ended
-/// on its own (the device was deleted under us), then stops the device.
-fn wait_for_stop(c: &UblkCtrl, rx: &Mutex<mpsc::Receiver<Event>>) {
-    let hold = match rx.lock().unwrap().recv() {
+/// on its own (the device was deleted under us), then ends the standby and stops the device.
+fn wait_for_stop(c: &UblkCtrl, ctx: &DeviceContext, rx: &mpsc::Receiver<Event>) {
+    let hold = match rx.recv() {
         Ok(Event::Stop(hold)) => {
             tracing::info!("stopping");
             hold
@@ -358,6 +502,7 @@ fn wait_for_stop(c: &UblkCtrl, rx: &Mutex<mpsc::Receiver<Event>>) {
         }
         Err(_) => None,
     };
+    keeper::stop(ctx);
     let _ = c.kill_dev();
     // Stopped: nothing can swapon or mount it now. Deleting it waits for every opener.
     drop(hold);

@@ -186,6 +186,7 @@ mod tests {
                 "ublk-crypt-list.8",
                 "ublk-crypt-status.8",
                 "ublk-crypt-recover.8",
+                "ublk-crypt-upgrade.8",
                 "ublk-crypt-benchmark.8",
             ]
         );

@@ -17,6 +17,7 @@
 //! - [`keyring`]: the key kept in root's keyring for a restarted daemon;
 //! - [`records`]: the run-dir records under `/run/ublk-crypt` that `list`/`close`/`recover` read;
 //! - [`context`]: what the threads of a served device share, and the stop [`context::Event`];
+//! - [`queue_threads`]: the queue threads, made (stacks, rings) before the device exists;
 //! - [`queue`]: a queue thread: fetch → [`io`] → commit, user copy, io_uring backing;
 //! - [`io`]: the IO path, fetch → (decrypt|encrypt) → backing IO → commit;
 //! - [`queue_crypto`]: where a piece's AES runs (inline, a crypto worker, a batch);
@@ -25,8 +26,11 @@
 //! - [`executor`]: the allocation-free per-tag executor each queue thread runs;
 //! - [`kernel_log`]: the IO path's messages, to `/dev/kmsg` (never a file that can be in swap);
 //! - [`stats`]: per-queue counters;
+//! - [`standby`]: the standby process that takes a device over when its daemon dies;
+//! - [`keeper`]: the daemon's side of it: starting standbys, and `upgrade`;
 //! - [`control`]: the control plane of a served device (signals, status socket);
-//! - [`client`]: `close`, `list`, `status`, run against a served device;
+//! - [`client`]: `close`, `list`, `status`, `upgrade`, run against a served device;
+//! - [`control_request`]: one request to a device's control socket;
 //! - [`benchmark`]: `ublk-crypt benchmark`, per-cipher throughput like `cryptsetup benchmark`;
 //! - [`docs`]: shell completions and man pages generated from the CLI definition.
 //!

@@ -15,24 +15,15 @@ use libublk::{BufDesc, UblkError};
 use crate::batch::PieceBatch;
 use crate::context::{DeviceContext, Event};
 use crate::executor::{block_on, TagExecutor};
-use crate::hardening;
 use crate::io::{BackingIo, IoDesc, IoPath, RequestData};
 use crate::offload::CryptoWorkers;
 use crate::queue_crypto::{InFlight, QueueCrypto, WorkerWait};
 use crate::stats::QueueCounters;
-use crate::ublk::OPS_PER_TAG;
 
-/// One queue thread: protections, then one task per tag on the allocation-free executor.
+/// One queue thread, once the device exists: its queue (on the ring `queue_threads` made and
+/// warmed), then one task per tag on the allocation-free executor.
 pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     ctx.queue_tids[usize::from(qid)].store(nix::unistd::gettid().as_raw(), Ordering::Release);
-    // libublk's threads are unnamed; name it like the other threads, for `top -H` and the tests.
-    if let Ok(name) = std::ffi::CString::new(format!("ublk-crypt-q{qid}")) {
-        let _ = nix::sys::prctl::set_name(&name);
-    }
-    if let Err(e) = hardening::protect_io_thread(ctx.protections) {
-        // Checked on the main thread already; a failure here would be a kernel surprise.
-        tracing::error!("queue {qid}: {e:#}");
-    }
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
         Err(e) => {
@@ -57,9 +48,6 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     };
     let depth = usize::from(q.dev.dev_info.queue_depth);
     let in_flight = InFlight::default();
-    if let Err(e) = warm_queue_ring(depth * usize::from(OPS_PER_TAG)) {
-        tracing::warn!("queue {qid}: io_uring warm-up failed: {e}");
-    }
     let batch = PieceBatch::new(depth, usize::from(qid) * depth);
     let exe = TagExecutor::new(q.tags().map(|tag| {
         let crypto = QueueCrypto {
@@ -287,57 +275,6 @@ impl WorkerWait for RingPoll<'_> {
             }
         }
     }
-}
-/// Makes the queue ring's kernel side allocate, now, what its busiest moment will need: one
-/// request and its read/write state for each of `ops` operations in flight at once. io_uring
-/// keeps these in per-ring caches when they complete (request structs without a limit,
-/// read/write state up to 128), so the first burst of swap-out — the moment memory runs
-/// out — takes them from the caches instead of asking the allocator, which for an IO flusher in
-/// a machine without free memory may not answer. The warm-up: `ops` reads of one semaphore
-/// eventfd, each of which blocks (arming a poll), then one write that completes them all.
-/// Runs on the queue thread once its `UblkQueue` (and so its ring) exists, before any tag task.
-fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
-    use io_uring::IoUring;
-    use nix::sys::eventfd::{EfdFlags, EventFd};
-    const WARM: u64 = 0x5741_524d_0000_0000; // "WARM": no libublk user_data has these bits
-    let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_SEMAPHORE | EfdFlags::EFD_CLOEXEC)?;
-    let mut bufs = vec![[0u8; 8]; ops];
-    libublk::io::with_task_io_ring_mut(|ring: &mut IoUring| -> std::io::Result<()> {
-        if !ring.completion().is_empty() {
-            // Someone else's completions: not ours to consume. Skip the warm-up.
-            return Ok(());
-        }
-        let mut pushed = 0;
-        while pushed < ops {
-            {
-                let mut sq = ring.submission();
-                while pushed < ops && !sq.is_full() {
-                    let sqe =
-                        opcode::Read::new(types::Fd(efd.as_raw_fd()), bufs[pushed].as_mut_ptr(), 8)
-                            .build()
-                            .user_data(WARM | pushed as u64);
-                    // SAFETY: the 8-byte buffer and the eventfd outlive the read: both are
-                    // dropped only after every one of these reads has completed (below).
-                    unsafe { sq.push(&sqe) }.expect("checked not full");
-                    pushed += 1;
-                }
-            }
-            ring.submit()?;
-        }
-        efd.write(ops as u64)?;
-        let mut reaped = 0;
-        while reaped < ops {
-            ring.submit_and_wait(1)?;
-            for cqe in ring.completion() {
-                debug_assert_eq!(cqe.user_data() & !0xffff_ffff, WARM);
-                if cqe.result() < 0 {
-                    tracing::debug!("ring warm-up read: errno {}", -cqe.result());
-                }
-                reaped += 1;
-            }
-        }
-        Ok(())
-    })
 }
 /// Lets every queue thread run on any CPU this daemon may use (its own affinity, which systemd's
 /// `CPUAffinity=` or `taskset` may have narrowed), undoing libublk's pinning of each queue to the

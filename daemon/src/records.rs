@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 pub const RUN_DIR: &str = "/run/ublk-crypt";
 
+fn yes() -> bool {
+    true
+}
+
 fn run_dir() -> PathBuf {
     // Tests point this elsewhere; production always uses RUN_DIR.
     std::env::var_os("UBLK_CRYPT_RUN_DIR")
@@ -44,6 +48,9 @@ pub struct DeviceRecord {
     /// `--pin-queues`: queue threads stay on their queue's CPUs (libublk's affinity).
     #[serde(default)]
     pub pin_queues: bool,
+    /// Whether the daemon keeps a standby (`--no-standby`: not).
+    #[serde(default = "yes")]
+    pub standby: bool,
     /// Whether the OOM protections are on (off only in tests).
     pub protections: bool,
     /// Pid of the serving daemon.
@@ -204,6 +211,7 @@ mod tests {
             max_io_kib: 512,
             crypto_threads: 2,
             pin_queues: false,
+            standby: true,
             protections: true,
             pid: 1,
         };

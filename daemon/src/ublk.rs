@@ -29,7 +29,7 @@ pub const OPS_PER_TAG: u16 = 2;
 /// Why it matters: on overflow the kernel keeps the completion in a `GFP_ATOMIC` allocation, and
 /// when that fails — exactly when swap-out has used up memory — it *drops* the completion, and
 /// the tag waiting for it (with the swap bio it serves) would wait for ever.
-const CQ_ENTRIES_PER_TAG: u16 = 2 * OPS_PER_TAG;
+pub const CQ_ENTRIES_PER_TAG: u16 = 2 * OPS_PER_TAG;
 
 pub fn check_driver() -> Result<()> {
     if !Path::new(UBLK_CONTROL).exists() {
@@ -127,6 +127,20 @@ pub fn recover(id: u32, shape: &Shape) -> Result<UblkCtrl> {
     drop(old);
     ctrl(id as i32, queues, shape, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .map_err(|e| ublk_error("cannot re-attach to the ublk device", Some(id), e))
+}
+
+/// A handle on device `id`, served by another daemon, made now for a standby to recover it
+/// with later ([`crate::standby::begin_recovery`]): building it reads the device's info and
+/// libublk's JSON and makes this thread's control ring, none of which must happen during the
+/// takeover.
+pub fn attach_for_recovery(id: u32, shape: &Shape) -> Result<UblkCtrl> {
+    ctrl(
+        id as i32,
+        shape.queues,
+        shape,
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+    )
+    .map_err(|e| ublk_error("cannot open the ublk device", Some(id), e))
 }
 
 fn ctrl(id: i32, queues: u16, shape: &Shape, how: UblkFlags) -> Result<UblkCtrl, UblkError> {

@@ -105,7 +105,12 @@ fn a_shareable_pool_is_seen_by_an_attached_one() {
     assert_eq!(seen.index(), index, "same free list order in both");
     assert_eq!(&seen[..5], b"hello", "attaching must not clear the buffers");
     assert!(ReservePool::new(config).unwrap().shared_fd().is_none());
-    let fd = primary.shared_fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    let fd = primary
+        .shared_fd()
+        .unwrap()
+        .as_fd()
+        .try_clone_to_owned()
+        .unwrap();
     let other = PoolConfig {
         budget_bytes: 2 << 20,
         ..config
