@@ -194,11 +194,13 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
     );
     match (&s.standby, d.standby) {
         (Some(sb), _) => println!(
-            "  standby:     pid {}, {}, locked {} KiB (of which {} KiB is the shared pool)",
+            "  standby:     pid {}, {}, locked {} KiB (of which {} KiB is the shared pool); \
+             both processes lock {} KiB",
             sb.pid,
             if sb.ready { "ready" } else { "starting" },
             sb.vm_lck_kib,
-            sb.shared_pool_kib
+            sb.shared_pool_kib,
+            s.locked_share_kib + sb.locked_share_kib
         ),
         (None, true) => println!("  standby:     none running (being restarted)"),
         (None, false) => println!("  standby:     off (--no-standby)"),

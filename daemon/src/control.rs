@@ -51,6 +51,10 @@ pub struct Status {
     /// From /proc/self/status: resident and locked memory of the daemon, KiB.
     pub vm_rss_kib: u64,
     pub vm_lck_kib: u64,
+    /// The daemon's share of locked memory, KiB: pages it shares with its standby (the pool,
+    /// the binary) count half. With the standby's share, the physical memory both lock.
+    #[serde(default)]
+    pub locked_share_kib: u64,
     /// The `aes` crate's implementation on this CPU (`vaes512`, `vaes256`, `aes-ni`, `soft`):
     /// what the cipher's speed depends on most.
     #[serde(default)]
@@ -74,6 +78,8 @@ pub struct StandbyStatus {
     pub ready: bool,
     /// Its locked memory, KiB (the shared pool included, counted in both processes).
     pub vm_lck_kib: u64,
+    /// Its share of locked memory, KiB (see [`Status::locked_share_kib`]).
+    pub locked_share_kib: u64,
     /// The part of each process's locked memory that is the one shared pool, KiB.
     pub shared_pool_kib: u64,
 }
@@ -113,6 +119,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
             pid,
             ready: sb.ready_pid.load(Ordering::Acquire) == pid,
             vm_lck_kib: memory_of(&pid.to_string()).1,
+            locked_share_kib: locked_share_of(&pid.to_string()),
             shared_pool_kib: if sb.pool_fd >= 0 {
                 (p.chunks_total * p.chunk_bytes) as u64 >> 10
             } else {
@@ -141,6 +148,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         queues,
         vm_rss_kib: rss,
         vm_lck_kib: lck,
+        locked_share_kib: locked_share_of("self"),
         aes_backend: ublk_crypt_crypto::aes_backend().to_string(),
         xts_tier: ublk_crypt_crypto::xts_tier().to_string(),
         standby,
@@ -151,14 +159,23 @@ fn status_of(ctx: &DeviceContext) -> Status {
 /// VmRSS and VmLck of process `pid` (`self` for this one), KiB.
 fn memory_of(pid: &str) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmLck:"))
+    (field_kib(&text, "VmRSS:"), field_kib(&text, "VmLck:"))
+}
+
+/// Process `pid`'s share of locked memory, KiB: each locked page divided by the number of
+/// processes mapping it (`Locked:` of smaps_rollup), so the daemon's and its standby's add up
+/// to the physical memory both lock, the shared pool and binary counted once.
+fn locked_share_of(pid: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    field_kib(&text, "Locked:")
+}
+
+fn field_kib(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Starts the control thread for a device being served.

@@ -97,10 +97,17 @@ fn standby_takes_over_after_kills_and_upgrades_losing_nothing() {
         assert!(c.contains(&format!("kill {k}: new standby")), "kill {k}");
     }
     assert!(c.contains("killed, replaced by"));
-    assert_eq!(c.matches("\"kind\":\"crash\"").count(), 5, "five crash takeovers");
+    assert_eq!(
+        c.matches("\"kind\":\"crash\"").count(),
+        5,
+        "five crash takeovers"
+    );
     assert_eq!(c.matches("\"kind\":\"upgrade\"").count(), 2, "two upgrades");
     assert_eq!(c.matches("longest IO pause").count(), 2);
-    assert!(c.contains("/tmp/ublk-crypt-new"), "the upgraded daemon runs the new binary");
+    assert!(
+        c.contains("/tmp/ublk-crypt-new"),
+        "the upgraded daemon runs the new binary"
+    );
     assert!(out.section("first").unwrap().contains("standby:     pid"));
     assert!(c.contains("standby ok"));
 }
