@@ -36,7 +36,9 @@ fn fio_verify_round_trips() {
     let mut script = String::from(
         r#"
 queue_cpus() {  # each queue thread's name and the CPUs it may run on
-    for t in /proc/$(pidof ublk-crypt)/task/*; do
+    # The daemon's pid from its record (its standby is an ublk-crypt process too).
+    pid=$(grep -o '"pid": *[0-9]*' /run/ublk-crypt/*.json | grep -o '[0-9]*$')
+    for t in /proc/$pid/task/*; do
         case $(cat $t/comm) in
         ublk-crypt-q*) echo "$(cat $t/comm) $(grep Cpus_allowed_list $t/status | cut -f2)" ;;
         esac
@@ -280,6 +282,11 @@ fn swap_first_bursts_of_fresh_daemons() {
             mkdir -p /mnt/big && mount -t tmpfs -o size=400m tmpfs /mnt/big
             for it in $(seq 1 8); do
                 traced ublk-crypt open /dev/vda --key-file /dev/urandom --name burst
+                # The standby sets itself up (and warms its rings) before the fill, not during.
+                for i in $(seq 300); do
+                    ublk-crypt status burst --json | grep -q '"ready":true' && break
+                    sleep 0.1
+                done
                 startup="$(hits)"
                 mkswap /dev/ublkb0 > /dev/null
                 swapon /dev/ublkb0
@@ -479,7 +486,7 @@ fn bad_input_is_one_line_and_leaves_nothing() {
 head -c 10 /root/key > /root/shortkey
 head -c 32 /root/key > /tmp/half; cat /tmp/half /tmp/half > /root/samekey
 # A device that holds /dev/vda and id 0, so "in use" and "id taken" have something to hit.
-held=$(ublk-crypt open /dev/vda -d /root/key --name held)
+held=$(ublk-crypt open /dev/vda -d /root/key --name held --no-standby)
 bad() {  # NAME ARGS...
     name=$1; shift
     set +e

@@ -39,21 +39,21 @@ fn swap_on_ublk_crypt_survives_overcommit_and_oom() {
     ));
 }
 
-/// `kill -9` of the daemon in the middle of a 2× RAM hog's re-stamp pass; `ublk-crypt
-/// recover` from a locked IO-flusher helper; every page of the hog verifies.
+/// `kill -9` of the daemon during a 2× RAM hog's fill and again in the middle of a random
+/// re-stamp pass, with nothing held for the restart: the standby (daemon/src/standby.rs) takes
+/// the device over, and every page of the hogs verifies.
 ///
-/// /run stays a tmpfs, as on a real system: the daemon keeps its record and libublk's JSON
-/// locked in memory (`records::keep_in_memory`), so `recover` can read them although the rest of
-/// /run may be in the swap it recovers. One workaround stands in for a daemon design change
-/// (tests/README.md, "OOM torture", "Crash and recovery"): 32 MiB held by the helper and freed
-/// at the kill, else the hog can take the dead daemon's memory and the recovering one finds
-/// none for its locked pool. `scripts/torture --crash` without `--reserve-mib` shows it.
+/// /run stays a tmpfs, as on a real system: the daemon and its standby keep the record and
+/// libublk's JSON locked in memory (`records::keep_in_memory`). The 32 MiB reserve the helper
+/// used to hold for a restarted daemon is gone (`recover_reserve_mib` 0): the standby already
+/// holds everything it needs (tests/README.md, "Crash and recovery").
 #[test]
 fn swap_on_ublk_crypt_survives_a_daemon_crash() {
     if !vm_or_skip("swap_on_ublk_crypt_survives_a_daemon_crash") {
         return;
     }
-    let mut t = Torture::new(Backend::UblkCrypt, Profile::from_env().crash_phases());
-    t.recover_reserve_mib = 32;
-    run(t);
+    run(Torture::new(
+        Backend::UblkCrypt,
+        Profile::from_env().crash_phases(),
+    ));
 }

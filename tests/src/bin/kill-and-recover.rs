@@ -22,6 +22,10 @@
 //! `wbt_wait` on the dead device's write throttle, forever (seen in the torture), while the
 //! dead daemon's 22 MiB lay free.
 //!
+//! `--standby RECORD`: the device has a standby (daemon/src/standby.rs) and nothing is run:
+//! after the kill, RECORD (`/run/ublk-crypt/ID.json`) is read until it names another daemon
+//! (the standby, which rewrites it once it serves the device), at most TRIES seconds.
+//!
 //! `--reserve-mib`: when the daemon dies while every page is taken and only swap could free
 //! one, the recovering daemon finds no memory for its locked pool and the machine deadlocks
 //! (tests/README.md, "OOM torture"). Holding memory for the restart and handing it back at the
@@ -33,11 +37,18 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let usage =
-        "usage: kill-and-recover [--reserve-mib N] TRIGGER_FILE PID TRIES -- RECOVER_COMMAND...";
+    let usage = "usage: kill-and-recover [--reserve-mib N] [--standby RECORD] TRIGGER_FILE PID \
+                 TRIES -- [RECOVER_COMMAND...]";
     let mut reserve_mib = 0usize;
-    if args.first().map(String::as_str) == Some("--reserve-mib") {
-        reserve_mib = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut standby_record: Option<String> = None;
+    loop {
+        match args.first().map(String::as_str) {
+            Some("--reserve-mib") => {
+                reserve_mib = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+            Some("--standby") => standby_record = args.get(1).cloned(),
+            _ => break,
+        }
         args.drain(..2.min(args.len()));
     }
     let (Some(trigger), Some(pid), Some(tries), Some("--")) = (
@@ -49,7 +60,7 @@ fn main() {
         eprintln!("{usage}");
         std::process::exit(2);
     };
-    if args.len() < 5 {
+    if args.len() < 5 && standby_record.is_none() {
         eprintln!("{usage}");
         std::process::exit(2);
     }
@@ -128,6 +139,26 @@ fn main() {
         &mut out,
         format_args!("kill-and-recover: SIGKILL to the daemon {pid}: {r}"),
     );
+    if let Some(record) = standby_record {
+        let mut buf = Vec::with_capacity(8192);
+        while t0.elapsed() < Duration::from_secs(u64::from(tries)) {
+            buf.clear();
+            if let Some(new) = record_pid(&record, &mut buf).filter(|&p| p != pid) {
+                let secs = t0.elapsed().as_secs_f64();
+                say(
+                    &mut out,
+                    format_args!(
+                        "kill-and-recover: recovered secs={secs:.3} attempts=1 by standby {new}"
+                    ),
+                );
+                std::process::exit(0);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        say(&mut out, format_args!("kill-and-recover: no takeover in {tries} s"));
+        diagnose(u64::from(tries));
+        std::process::exit(1);
+    }
     for attempt in 1..=tries {
         // vfork semantics (posix_spawn): no copy of this process's memory is made.
         let mut child: libc::pid_t = 0;
@@ -184,6 +215,19 @@ fn main() {
     }
     say(&mut out, format_args!("kill-and-recover: gave up"));
     std::process::exit(1);
+}
+
+/// The `"pid": N` of a device record, read into `buf` (its capacity made beforehand).
+fn record_pid(path: &str, buf: &mut Vec<u8>) -> Option<i32> {
+    use std::io::Read;
+    std::fs::File::open(path).ok()?.read_to_end(buf).ok()?;
+    let text = std::str::from_utf8(buf).ok()?;
+    let rest = &text[text.find("\"pid\":")? + 6..];
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// When `recover` takes long: what every ublk-crypt process is doing (/proc: state, locked

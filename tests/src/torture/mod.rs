@@ -153,22 +153,33 @@ impl Profile {
         }
     }
 
-    /// The crash phase: a 2× RAM hog; the daemon is killed in the middle of a re-stamp pass
-    /// (swap-ins and swap-outs in flight), then the last pass verifies every page.
-    ///
-    /// Not during the fill: there the hog only allocates, takes the dead daemon's memory at
-    /// once and leaves none for the recovering one, and the machine deadlocks (see
-    /// tests/README.md, "OOM torture"; `kill_at: (0, 75)` shows it).
+    /// The crash phases: a 2× RAM hog each; the daemon is killed during the fill (75 %: the
+    /// hog only allocates, and takes any memory the dead daemon leaves) and in the middle of a
+    /// random re-stamp pass (swap-ins and swap-outs in flight). Its standby takes over with no
+    /// help; the last pass verifies every page. (Without a standby, the fill kill deadlocked
+    /// the machine: tests/README.md, "Crash and recovery".)
     pub fn crash_phases(self) -> Vec<Phase> {
         match self {
-            Profile::Short => vec![Phase::Crash {
-                hog: HogSpec::new("crash", 2, 2, "seq,rev"),
-                kill_at: (1, 50),
-            }],
-            Profile::Long => vec![Phase::Crash {
-                hog: HogSpec::new("crash", 2, 3, "seq,random,rev"),
-                kill_at: (2, 50),
-            }],
+            Profile::Short => vec![
+                Phase::Crash {
+                    hog: HogSpec::new("crashfill", 2, 1, "rev"),
+                    kill_at: (0, 75),
+                },
+                Phase::Crash {
+                    hog: HogSpec::new("crash", 2, 2, "random,rev"),
+                    kill_at: (1, 50),
+                },
+            ],
+            Profile::Long => vec![
+                Phase::Crash {
+                    hog: HogSpec::new("crashfill", 2, 1, "rev"),
+                    kill_at: (0, 75),
+                },
+                Phase::Crash {
+                    hog: HogSpec::new("crash", 2, 3, "seq,random,rev"),
+                    kill_at: (2, 50),
+                },
+            ],
         }
     }
 }

@@ -104,13 +104,20 @@ daemon_check after-{hog}
                 } => {
                     assert!(self.backend.is_ublk(), "the crash phase needs a daemon");
                     let reserve = self.recover_reserve_mib;
+                    // With a standby (the default) nothing is run after the kill: the standby
+                    // takes over; without one, `recover` is.
+                    let (standby, recover) = if self.open_args.contains("--no-standby") {
+                        ("", format!("$U recover tswap"))
+                    } else {
+                        (" --standby /run/ublk-crypt/0.json", String::new())
+                    };
                     let _ = write!(
                         s,
                         r#"
 ev "phase {hog} start: {mib} MiB hog, {passes} passes ({order}), daemon killed at {kpct}% of pass {kp}"
-# Kill and recover from a locked process: the shell's own code may be in swap (see
+# Kill (and recover) from a locked process: the shell's own code may be in swap (see
 # kill-and-recover.rs), and the daemon's binary is on the /usr disk.
-kill-and-recover --reserve-mib {reserve} $T/{hog}.kill $(cat $T/daemon-pid) 30 -- $U recover tswap &
+kill-and-recover --reserve-mib {reserve}{standby} $T/{hog}.kill $(cat $T/daemon-pid) 30 -- {recover} &
 kr=$!
 sleep 1
 {run_hog} --mark {kp}:{kpct}:$T/{hog}.kill &
