@@ -155,7 +155,10 @@ fn main() {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        say(&mut out, format_args!("kill-and-recover: no takeover in {tries} s"));
+        say(
+            &mut out,
+            format_args!("kill-and-recover: no takeover in {tries} s"),
+        );
         diagnose(u64::from(tries));
         std::process::exit(1);
     }
