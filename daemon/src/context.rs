@@ -4,7 +4,7 @@
 //! Made once, before the device goes live, and leaked: every thread holds a `&'static` to it
 //! for the rest of the process, so nothing on the IO path counts references or locks.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64};
 use std::sync::mpsc;
 
 use ublk_crypt_crypto::SectorCipher;
@@ -61,6 +61,8 @@ pub struct StandbyState {
     pub upgrade_pid: AtomicU32,
     /// The last standby that told the control socket it is ready to take over.
     pub ready_pid: AtomicU32,
+    /// Its share of locked memory then, KiB (`hardening::locked_share_of`).
+    pub ready_share_kib: AtomicU64,
     /// Set when the device is stopping or being handed over: the keeper starts no standby.
     pub quiet: AtomicBool,
     /// How this process took the device over from a previous daemon, if it did.

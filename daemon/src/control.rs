@@ -110,7 +110,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
             }
         })
         .collect();
-    let (rss, lck) = memory_of("self");
+    let (rss, lck) = hardening::memory_of("self");
     let device = ctx.record.clone();
     let sb = &ctx.standby;
     let standby = match sb.pid.load(Ordering::Acquire) {
@@ -118,8 +118,8 @@ fn status_of(ctx: &DeviceContext) -> Status {
         pid => Some(StandbyStatus {
             pid,
             ready: sb.ready_pid.load(Ordering::Acquire) == pid,
-            vm_lck_kib: memory_of(&pid.to_string()).1,
-            locked_share_kib: locked_share_of(&pid.to_string()),
+            vm_lck_kib: hardening::memory_of(&pid.to_string()).1,
+            locked_share_kib: sb.ready_share_kib.load(Ordering::Acquire),
             shared_pool_kib: if sb.pool_fd >= 0 {
                 (p.chunks_total * p.chunk_bytes) as u64 >> 10
             } else {
@@ -148,34 +148,12 @@ fn status_of(ctx: &DeviceContext) -> Status {
         queues,
         vm_rss_kib: rss,
         vm_lck_kib: lck,
-        locked_share_kib: locked_share_of("self"),
+        locked_share_kib: hardening::locked_share_of("self"),
         aes_backend: ublk_crypt_crypto::aes_backend().to_string(),
         xts_tier: ublk_crypt_crypto::xts_tier().to_string(),
         standby,
         last_takeover,
     }
-}
-
-/// VmRSS and VmLck of process `pid` (`self` for this one), KiB.
-fn memory_of(pid: &str) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    (field_kib(&text, "VmRSS:"), field_kib(&text, "VmLck:"))
-}
-
-/// Process `pid`'s share of locked memory, KiB: each locked page divided by the number of
-/// processes mapping it (`Locked:` of smaps_rollup), so the daemon's and its standby's add up
-/// to the physical memory both lock, the shared pool and binary counted once.
-fn locked_share_of(pid: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    field_kib(&text, "Locked:")
-}
-
-fn field_kib(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Starts the control thread for a device being served.
@@ -256,7 +234,7 @@ async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStrea
             other.escape_default()
         )),
         other => match other.split_once(' ') {
-            Some(("standby-ready", pid)) => match standby_ready(ctx, pid) {
+            Some(("standby-ready", args)) => match standby_ready(ctx, args) {
                 Ok(()) => "{\"ok\":true}".to_string(),
                 Err(e) => json_error(&format_args!("{e:#}")),
             },
@@ -287,15 +265,20 @@ async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStrea
     }
 }
 
-/// `standby-ready PID`: only a standby this daemon started counts.
-fn standby_ready(ctx: &DeviceContext, pid: &str) -> Result<()> {
+/// `standby-ready PID LOCKED_SHARE_KIB`: only a standby this daemon started counts. It says
+/// its own share of locked memory: this daemon may not read a non-dumpable process's smaps
+/// (no `CAP_SYS_PTRACE` under the unit).
+fn standby_ready(ctx: &DeviceContext, args: &str) -> Result<()> {
+    let (pid, share) = args.split_once(' ').unwrap_or((args, "0"));
     let pid: u32 = pid.parse().context("standby-ready: not a pid")?;
+    let share: u64 = share.parse().context("standby-ready: not a size")?;
     let sb = &ctx.standby;
     if pid == 0
         || (pid != sb.pid.load(Ordering::Acquire) && pid != sb.upgrade_pid.load(Ordering::Acquire))
     {
         bail!("pid {pid} is not a standby of this daemon");
     }
+    sb.ready_share_kib.store(share, Ordering::Release);
     sb.ready_pid.store(pid, Ordering::Release);
     tracing::info!("standby {pid} is ready to take over");
     Ok(())

@@ -81,6 +81,28 @@ pub fn io_flusher_for_recovery() {
     let _ = set_io_flusher();
 }
 
+/// VmRSS and VmLck of process `pid` (`self` for this one), KiB.
+pub fn memory_of(pid: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    (field_kib(&text, "VmRSS:"), field_kib(&text, "VmLck:"))
+}
+
+/// Process `pid`'s share of locked memory, KiB: each locked page divided by the number of
+/// processes mapping it (`Locked:` of smaps_rollup), so the daemon's and its standby's add up
+/// to the physical memory both lock, the shared pool and binary counted once.
+pub fn locked_share_of(pid: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    field_kib(&text, "Locked:")
+}
+
+fn field_kib(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn set_io_flusher() -> Result<()> {
     // SAFETY: prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) only sets a flag on the calling thread.
     let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };

@@ -75,8 +75,14 @@ impl Standby {
 
     /// Tells the daemon (over its control socket) that this standby is ready to take over.
     pub fn announce_ready(&self, rec: &DeviceRecord) -> Result<()> {
-        let reply =
-            control_request::request(rec, &format!("standby-ready {}", std::process::id()))?;
+        let reply = control_request::request(
+            rec,
+            &format!(
+                "standby-ready {} {}",
+                std::process::id(),
+                crate::hardening::locked_share_of("self")
+            ),
+        )?;
         if let Some(e) = control_request::reply_error(&reply) {
             bail!("the daemon refused this standby: {e}");
         }

@@ -256,9 +256,15 @@ fn daemon_unit_has_what_oom_survival_and_recovery_need() {
     assert_eq!(one("NotifyAccess"), "all");
     assert_eq!(one("ExitType"), "cgroup");
     for sig in ["SIGKILL", "SIGABRT", "SIGSEGV"] {
-        assert!(one("SuccessExitStatus").contains(sig), "SuccessExitStatus lacks {sig}");
+        assert!(
+            one("SuccessExitStatus").contains(sig),
+            "SuccessExitStatus lacks {sig}"
+        );
     }
-    assert!(one("ExecReload").contains(" upgrade %i"), "reload is the upgrade");
+    assert!(
+        one("ExecReload").contains(" upgrade %i"),
+        "reload is the upgrade"
+    );
     assert_eq!(one("OOMScoreAdjust"), "-1000");
     assert_eq!(one("LimitMEMLOCK"), "infinity");
     assert_eq!(one("Restart"), "always");

@@ -107,7 +107,7 @@ daemon_check after-{hog}
                     // With a standby (the default) nothing is run after the kill: the standby
                     // takes over; without one, `recover` is.
                     let (standby, recover) = if self.open_args.contains("--no-standby") {
-                        ("", format!("$U recover tswap"))
+                        ("", "$U recover tswap".to_string())
                     } else {
                         (" --standby /run/ublk-crypt/0.json", String::new())
                     };

@@ -15,16 +15,24 @@ vm_section status ublk-crypt status swap
 vm_section prev-shutdown journalctl -b -1 --no-pager -o short-precise \
     -u ublk-crypt-swap@swap.service -u ublk-crypt@swap.service
 
-# (b) kill -9 of the daemon while a hog in a 96 MiB memory cgroup has pages in swap.
+# (b) kill -9 of the daemon under global memory pressure (a hog of 1.5x RAM, no memory limit,
+# deep in swap): its standby takes the device over, the service goes on (no restart), PID 1
+# never blocks, and the hog verifies every page.
 pid0=$(main_pid)
+ready_standby() {
+    ublk-crypt status swap --json | grep -o '"standby":{"pid":[0-9]*,"ready":true' |
+        grep -o '[0-9][0-9]*'
+}
+wait_for "a ready standby" 120 ready_standby
+standby0=$(ready_standby)
 restarts0=$(systemctl show -P NRestarts ublk-crypt@swap.service)
 # A scope (systemd-run --wait would need D-Bus, which a minimal system does not have): the hog
-# stays this script's child, in its own memory cgroup.
-systemd-run --scope --unit=hog-b -p MemoryMax=96M /vm/bin/page-hog --name b --mib 192 \
-    --passes 3 --order seq,rev --mark 1:40:/run/hog-b-mark --heartbeat 5 >/root/hog-b.log 2>&1 &
+# stays this script's child, in a cgroup of its own without a memory limit.
+systemd-run --scope --unit=hog-b /vm/bin/page-hog --name b --mib 768 \
+    --passes 2 --order seq,rev --mark 1:40:/run/hog-b-mark --heartbeat 5 >/root/hog-b.log 2>&1 &
 hog=$!
 hog_marked_or_gone() { test -e /run/hog-b-mark || ! kill -0 "$hog"; }
-wait_for "the hog at 40 % of its first re-stamp" 400 hog_marked_or_gone
+wait_for "the hog at 40 % of its first re-stamp" 600 hog_marked_or_gone
 if ! test -e /run/hog-b-mark; then
     echo "the hog ended before its mark:"
     cat /root/hog-b.log
@@ -45,7 +53,10 @@ wait "$hog" || hog_rc=$?
 kill "$sampler"
 vm_begin restart
 echo "old-pid $pid0"
+echo "standby-pid $standby0"
 echo "new-pid $(main_pid)"
+echo "service $(systemctl show -P ActiveState ublk-crypt@swap.service) $(systemctl show -P Result ublk-crypt@swap.service)"
+echo "mem-available-kib $(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo)"
 echo "restarts-before $restarts0"
 echo "restarts-after $(systemctl show -P NRestarts ublk-crypt@swap.service)"
 echo "hog-exit $hog_rc"
@@ -53,6 +64,8 @@ vm_end restart
 vm_section swap-states sh -c 'sort /root/swap-states | uniq -c'
 vm_section hog-b cat /root/hog-b.log
 vm_section daemon-journal journalctl -b --no-pager -o cat -u ublk-crypt@swap.service
+vm_section hung-tasks sh -c 'journalctl -k -b --no-pager -o cat | grep -c "blocked for more than" || true'
+vm_section status-after ublk-crypt status swap
 
 # (f) No key material in the journal (every boot): the swap device's kept key and the data
 # volume's key file, 16 bytes at a time, as text and as raw bytes; a logged control string
