@@ -347,7 +347,8 @@ fn kill_9_under_load_then_recover_loses_nothing() {
         .timeout(Duration::from_secs(600))
         .run(
             r#"
-            dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name k9)
+            # No standby: this is the path for when the daemon and its standby both died.
+            dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name k9 --no-standby)
             job="--name=w --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=write --bs=64k --size=96M --verify=crc32c"
             fio $job --do_verify=0 > /tmp/fio-write.log 2>&1 &
             fio_pid=$!
@@ -618,7 +619,8 @@ fn close_refuses_devices_in_use_and_the_control_plane_stays_responsive() {
         .binary(ublk_crypt_tests::release_binary("ctl-raw"))
         .run(
             r#"
-            dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name sw)
+            # No standby: the daemon's death below must orphan the device.
+            dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name sw --no-standby)
             sock=/run/ublk-crypt/0.sock
             mkswap $dev > /dev/null
             swapon $dev

@@ -1,7 +1,8 @@
-//! The standby (daemon/src/standby.rs) on real ublk: five `kill -9` of the daemon in a row
-//! under write load, each time the standby taking over and a new standby following; the
-//! standby itself killed; `upgrade` twice; and fio's verify finding every block intact.
-//! The same under memory pressure is the OOM torture's crash phase (oom_torture.rs).
+//! The standby (daemon/src/standby.rs) on real ublk, as swap under a 2× RAM page-stamping hog:
+//! five `kill -9` of the daemon in a row, each time the standby taking over and a new standby
+//! following; the standby itself killed; `upgrade` twice; and the hog verifying every page.
+//! Kills at chosen points of a hog's fill and random re-stamp, with nothing else running, are
+//! the OOM torture's crash phases (oom_torture.rs).
 
 use std::time::Duration;
 use ublk_crypt_tests::vm::{vm_or_skip, Vm};
@@ -35,19 +36,24 @@ takeover() { ublk-crypt status sb --json | grep -o '"last_takeover":{[^}]*}'; }
 "#;
 
 #[test]
-fn standby_takes_over_after_kills_and_upgrades_losing_nothing() {
-    if !vm_or_skip("standby_takes_over_after_kills_and_upgrades_losing_nothing") {
+fn standby_takes_over_after_kills_and_upgrades_under_a_hog_losing_nothing() {
+    if !vm_or_skip("standby_takes_over_after_kills_and_upgrades_under_a_hog_losing_nothing") {
         return;
     }
     let script = format!(
         r#"{HELPERS}
         dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name sb)
+        mkswap $dev > /dev/null
+        swapon $dev
         s=$(wait_ready_standby 0)
         vm_section first ublk-crypt status sb
-        job="--name=w --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=randwrite --bs=16k --size=96M --verify=crc32c --randrepeat=1"
-        fio $job --do_verify=0 > /tmp/fio-write.log 2>&1 &
-        fio_pid=$!
-        sleep 2
+        # Its heartbeats on the console: a silent console is how the harness detects a hang.
+        page-hog --name h --mib 512 --passes 3 --order seq,rev,seq --mark 1:5:/tmp/deep \
+            --heartbeat 5 &
+        hog=$!
+        # In its first re-stamp: every page has been in swap, swap-ins and swap-outs go on.
+        while [ ! -e /tmp/deep ]; do sleep 0.5; done
+        echo "hog deep in swap: $(grep -E '^pswp(in|out) ' /proc/vmstat | tr '\n' ' ')"
         for k in 1 2 3 4 5; do
             p=$(primary)
             kill -9 $p
@@ -72,11 +78,11 @@ fn standby_takes_over_after_kills_and_upgrades_losing_nothing() {
             wait_ready_standby 0 > /dev/null
         done
         readlink /proc/$(primary)/exe
-        wait $fio_pid
-        echo "fio write finished: $?"
-        fio $job --verify_only=1 --verify_fatal=1 > /tmp/fio-verify.log 2>&1 || {{ cat /tmp/fio-verify.log; exit 1; }}
-        grep -E 'err= *0' /tmp/fio-verify.log
+        kill -0 $hog && echo "all done while the hog ran"
+        set +e; wait $hog; rc=$?; set -e
+        echo "hog-exit $rc"
         vm_section last ublk-crypt status sb
+        swapoff $dev
         ublk-crypt close sb
         sleep 1
         if pidof ublk-crypt; then echo "LEFTOVER process after close"; exit 1; fi
@@ -86,9 +92,12 @@ fn standby_takes_over_after_kills_and_upgrades_losing_nothing() {
     );
     let out = Vm::builder()
         .binary(ublk_crypt_tests::release_binary("ublk-crypt"))
-        .memory_mib(512)
-        .disk_mib(128)
-        .host_tool("fio")
+        .binary(ublk_crypt_tests::release_binary("page-hog"))
+        .host_tool("mkswap")
+        .host_tool("swapon")
+        .host_tool("swapoff")
+        .memory_mib(256)
+        .disk_mib(768)
         .timeout(Duration::from_secs(900))
         .run(&script)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -107,6 +116,21 @@ fn standby_takes_over_after_kills_and_upgrades_losing_nothing() {
     assert!(
         c.contains("/tmp/ublk-crypt-new"),
         "the upgraded daemon runs the new binary"
+    );
+    assert!(
+        c.contains("all done while the hog ran"),
+        "kills and upgrades under the hog"
+    );
+    assert!(c.contains("hog-exit 0"), "the hog verified every page");
+    let hog: Vec<&str> = c.lines().filter(|l| l.contains("page-hog[h]")).collect();
+    assert!(
+        hog.iter().any(|l| l.contains(" done ")),
+        "the hog finished: {hog:?}"
+    );
+    assert!(
+        hog.iter()
+            .all(|l| !l.contains("bad=") || l.contains("bad=0 ")),
+        "bad pages: {hog:?}"
     );
     assert!(out.section("first").unwrap().contains("standby:     pid"));
     assert!(c.contains("standby ok"));

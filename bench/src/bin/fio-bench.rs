@@ -85,8 +85,8 @@ fn guest_script(runtime: u64, xts_tier: &str) -> String {
         t => format!("export UBLK_CRYPT_XTS_TIER={t}\n"),
     };
     s += r#"
-mem() {  # LABEL: VmRSS and VmLck of the daemon, KiB
-    p=$(pidof ublk-crypt)
+mem() {  # LABEL: VmRSS and VmLck of the daemon (its record's pid: the standby is one too), KiB
+    p=$(grep -o '"pid": *[0-9]*' /run/ublk-crypt/*.json | grep -o '[0-9]*$')
     echo "$1 $(grep -F VmRSS /proc/$p/status | tr -s ' ' | cut -d' ' -f2) $(grep -F VmLck /proc/$p/status | tr -s ' ' | cut -d' ' -f2)"
 }
 vm_section env sh -c 'uname -r; grep -m1 "model name" /proc/cpuinfo; nproc; fio --version'
