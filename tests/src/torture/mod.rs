@@ -159,28 +159,21 @@ impl Profile {
     /// help; the last pass verifies every page. (Without a standby, the fill kill deadlocked
     /// the machine: tests/README.md, "Crash and recovery".)
     pub fn crash_phases(self) -> Vec<Phase> {
-        match self {
-            Profile::Short => vec![
-                Phase::Crash {
-                    hog: HogSpec::new("crashfill", 2, 1, "rev"),
-                    kill_at: (0, 75),
-                },
-                Phase::Crash {
-                    hog: HogSpec::new("crash", 2, 2, "random,rev"),
-                    kill_at: (1, 50),
-                },
-            ],
-            Profile::Long => vec![
-                Phase::Crash {
-                    hog: HogSpec::new("crashfill", 2, 1, "rev"),
-                    kill_at: (0, 75),
-                },
-                Phase::Crash {
-                    hog: HogSpec::new("crash", 2, 3, "seq,random,rev"),
-                    kill_at: (2, 50),
-                },
-            ],
-        }
+        let restamp = match self {
+            Profile::Short => Phase::Crash {
+                hog: HogSpec::new("crash", 2, 2, "random,rev"),
+                kill_at: (1, 50),
+            },
+            Profile::Long => Phase::Crash {
+                hog: HogSpec::new("crash", 2, 3, "seq,random,rev"),
+                kill_at: (2, 50),
+            },
+        };
+        let fill = Phase::Crash {
+            hog: HogSpec::new("crashfill", 2, 1, "rev"),
+            kill_at: (0, 75),
+        };
+        vec![fill, restamp]
     }
 }
 
