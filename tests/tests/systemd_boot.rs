@@ -317,6 +317,40 @@ fn encrypted_swap_under_real_systemd() {
         daemon.contains("took device 0 over"),
         "(b) the standby took the device over: {daemon}"
     );
+    // (h)
+    let u = section(&two, "upgrade");
+    let journal = section(&two, "reload-journal");
+    assert_eq!(
+        field(&u, "dpkg-exit"),
+        "0",
+        "(h) {u}\n{}",
+        section(&two, "dpkg-h")
+    );
+    assert_ne!(
+        field(&u, "before-pid"),
+        field(&u, "after-pid"),
+        "(h) the reload handed the device to a new daemon: {u}\n{journal}"
+    );
+    assert_eq!(
+        field(&u, "after-exe"),
+        "/usr/sbin/ublk-crypt",
+        "(h) the new daemon runs the installed binary: {u}"
+    );
+    assert!(u.contains("service active success"), "(h) {u}");
+    assert_eq!(
+        field(&u, "restarts-before"),
+        field(&u, "restarts-after"),
+        "(h) the upgrade is no restart: {u}"
+    );
+    assert_eq!(field(&u, "swap-on"), "1", "(h) swap stayed on: {u}");
+    assert!(
+        u.contains(r#""kind":"upgrade""#),
+        "(h) the last takeover was the upgrade: {u}"
+    );
+    assert!(
+        journal.contains("longest IO pause"),
+        "(h) the reload printed the IO pause: {journal}"
+    );
     // (f)
     let k = section(&two, "key-search");
     assert_eq!(field(&k, "key-bytes"), "64", "(f) {k}");

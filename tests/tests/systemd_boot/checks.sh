@@ -1,5 +1,5 @@
-# Boot 2: (a) swap at boot, (c) the previous shutdown, (b) kill -9 under a hog, (f) no key in
-# the journal; then the config of (d) for the next boot.
+# Boot 2: (a) swap at boot, (c) the previous shutdown, (b) kill -9 under a hog, (h) a package
+# upgrade reloads the unit, (f) no key in the journal; then the config of (d) for the next boot.
 
 # (a) Swap on /dev/ublkb0 at boot, before swap.target; both units active; status answers.
 wait_for "swap on /dev/ublkb0 at boot" 60 swap_on
@@ -66,6 +66,27 @@ vm_section hog-b cat /root/hog-b.log
 vm_section daemon-journal journalctl -b --no-pager -o cat -u ublk-crypt@swap.service
 vm_section hung-tasks sh -c 'journalctl -k -b --no-pager -o cat | grep -c "blocked for more than" || true'
 vm_section status-after ublk-crypt status swap
+
+# (h) A package upgrade (the same .deb again; dpkg runs the postinst with the installed version):
+# the postinst reloads the unit, whose ExecReload= hands the device to a daemon from the
+# binary now installed. Swap stays on, no restart, the old daemon's binary is the replaced one.
+pid1=$(main_pid)
+restarts1=$(systemctl show -P NRestarts ublk-crypt@swap.service)
+dpkg_rc=0
+dpkg -i /root/ublk-crypt_*.deb >/root/dpkg-h.log 2>&1 || dpkg_rc=$?
+vm_begin upgrade
+echo "dpkg-exit $dpkg_rc"
+echo "before-pid $pid1"
+echo "after-pid $(main_pid)"
+echo "after-exe $(readlink /proc/"$(main_pid)"/exe)"
+echo "service $(systemctl show -P ActiveState ublk-crypt@swap.service) $(systemctl show -P Result ublk-crypt@swap.service)"
+echo "restarts-before $restarts1"
+echo "restarts-after $(systemctl show -P NRestarts ublk-crypt@swap.service)"
+echo "swap-on $(grep -c '^/dev/ublkb0 ' /proc/swaps)"
+echo "takeover $(ublk-crypt status swap --json | grep -o '"last_takeover":{[^}]*}')"
+vm_end upgrade
+vm_section dpkg-h cat /root/dpkg-h.log
+vm_section reload-journal sh -c 'journalctl -b --no-pager -o cat -u ublk-crypt@swap.service | tail -n 20'
 
 # (f) No key material in the journal (every boot): the swap device's kept key and the data
 # volume's key file, 16 bytes at a time, as text and as raw bytes; a logged control string
