@@ -23,7 +23,8 @@ pub enum Event {
     /// (see [`crate::control::hold_unless_in_use`]): held until the device is stopped, so
     /// nobody can swapon or mount it between the in-use check and the stop.
     Stop(Option<std::fs::File>),
-    /// A queue thread ended on its own (the device was deleted under us).
+    /// A queue thread ended on its own: the device was deleted or stopped under us, or the
+    /// queue failed (then the daemon exits and leaves the device for recovery).
     QueueExited(u16),
 }
 

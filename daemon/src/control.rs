@@ -6,7 +6,8 @@
 //! (`/run/ublk-crypt/<id>.sock`, mode 0600) are one line: `status` answers one JSON line,
 //! `close` stops the device, `upgrade EXE` hands it over to a standby from the binary EXE
 //! (`keeper.rs`), and `standby-ready PID` is a standby saying it can take over. SIGTERM and
-//! SIGINT stop the device too (systemd's stop).
+//! SIGINT stop the device too (systemd's stop). With `UBLK_CRYPT_TEST_HOOKS=1` in its
+//! environment (the VM tests), `test-queue-exited Q` acts as if queue Q had ended on its own.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -251,6 +252,14 @@ async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStrea
                     Err(e) => json_error(&e),
                 }
             }
+            // Fault injection for the VM tests only: as if queue Q had ended on its own.
+            Some(("test-queue-exited", q)) if test_hooks() => match q.parse::<u16>() {
+                Ok(q) => {
+                    ctx.send(Event::QueueExited(q));
+                    "{\"ok\":true}".to_string()
+                }
+                Err(e) => json_error(&e),
+            },
             _ => json_error(&format_args!(
                 "unknown request '{}'",
                 other.escape_default()
@@ -263,6 +272,12 @@ async fn serve_client(ctx: &'static DeviceContext, stream: tokio::net::UnixStrea
     if let Some(pipe) = handover {
         standby::hand_over(pipe);
     }
+}
+
+/// Whether the VM tests' fault-injection requests are served: only in a daemon started with
+/// `UBLK_CRYPT_TEST_HOOKS=1` in its environment.
+fn test_hooks() -> bool {
+    std::env::var_os("UBLK_CRYPT_TEST_HOOKS").is_some_and(|v| v == "1")
 }
 
 /// `standby-ready PID LOCKED_SHARE_KIB`: only a standby this daemon started counts. It says

@@ -488,22 +488,52 @@ fn finish_takeover(ctx: &'static DeviceContext, t0: Instant, upgrade: bool, prev
     }
 }
 
-/// Blocks the device's main thread until a stop is asked for (close, SIGTERM) or a queue ended
-/// on its own (the device was deleted under us), then ends the standby and stops the device.
+/// Blocks the device's main thread until a stop is asked for (close, SIGTERM), then ends the
+/// standby and stops the device. A queue that ended on its own is a stop only when the device is
+/// known to be gone (deleted or stopped from outside); while the kernel still holds the device,
+/// it is a crash: see [`leave_for_recovery`].
 fn wait_for_stop(c: &UblkCtrl, ctx: &DeviceContext, rx: &mpsc::Receiver<Event>) {
     let hold = match rx.recv() {
         Ok(Event::Stop(hold)) => {
             tracing::info!("stopping");
             hold
         }
-        Ok(Event::QueueExited(q)) => {
-            tracing::warn!("queue {q} ended; stopping the device");
-            None
-        }
+        Ok(Event::QueueExited(q)) => match ublk::device_state(ctx.record.id) {
+            Ok(state) if state.state_name == "dead" => {
+                tracing::warn!("queue {q} ended: the device was stopped from outside");
+                None
+            }
+            Ok(state) => leave_for_recovery(ctx, q, state.state_name),
+            Err(_) if !ublk::device_exists(ctx.record.id) => {
+                tracing::warn!("queue {q} ended: the device was deleted from outside");
+                None
+            }
+            Err(e) => leave_for_recovery(ctx, q, &format!("unknown ({e:#})")),
+        },
         Err(_) => None,
     };
     keeper::stop(ctx);
     let _ = c.kill_dev();
     // Stopped: nothing can swapon or mount it now. Deleting it waits for every opener.
     drop(hold);
+}
+
+/// The exit status of a daemon that left its device for recovery (a queue ended on its own):
+/// `EX_TEMPFAIL`. The unit counts it as a clean exit (`SuccessExitStatus=`) so that a standby's
+/// takeover is the service going on, and `Restart=always` still starts a daemon if none is left.
+pub const EXIT_LEFT_FOR_RECOVERY: i32 = 75;
+
+/// A queue ended on its own while the kernel still holds the device: a crash, not a stop. The
+/// device, its kept key and the record stay, and the process exits at once: its standby takes
+/// the device over (the kernel quiesces the device when this process's files are released), or
+/// `ublk-crypt recover` / systemd's restart does. Stopping the device here would throw away
+/// every page swapped out to it.
+fn leave_for_recovery(ctx: &DeviceContext, q: u16, state: &str) -> ! {
+    let id = ctx.record.id;
+    tracing::error!(
+        "queue {q} ended on its own with device {id} still {state}: leaving the device and its \
+         key for recovery (the standby, or `ublk-crypt recover {}`) and exiting",
+        ctx.record.name
+    );
+    std::process::exit(EXIT_LEFT_FOR_RECOVERY)
 }

@@ -130,30 +130,31 @@ fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
     use nix::sys::eventfd::{EfdFlags, EventFd};
     const WARM: u64 = 0x5741_524d_0000_0000; // "WARM": no libublk user_data has these bits
     let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_SEMAPHORE | EfdFlags::EFD_CLOEXEC)?;
-    let mut bufs = vec![[0u8; 8]; ops];
+    let mut reads = WarmReads::new(efd, ops);
     libublk::io::with_task_io_ring_mut(|ring: &mut IoUring| -> std::io::Result<()> {
         if !ring.completion().is_empty() {
             // Someone else's completions: not ours to consume. Skip the warm-up.
+            reads.all_reaped();
             return Ok(());
         }
+        let fd = types::Fd(reads.efd().as_raw_fd());
         let mut pushed = 0;
         while pushed < ops {
             {
                 let mut sq = ring.submission();
                 while pushed < ops && !sq.is_full() {
-                    let sqe =
-                        opcode::Read::new(types::Fd(efd.as_raw_fd()), bufs[pushed].as_mut_ptr(), 8)
-                            .build()
-                            .user_data(WARM | pushed as u64);
-                    // SAFETY: the 8-byte buffer and the eventfd outlive the read: both are
-                    // dropped only after every one of these reads has completed (below).
+                    let sqe = opcode::Read::new(fd, reads.buf(pushed), 8)
+                        .build()
+                        .user_data(WARM | pushed as u64);
+                    // SAFETY: the 8-byte buffer and the eventfd outlive the read: `WarmReads`
+                    // frees them only once every read has completed, and leaks them otherwise.
                     unsafe { sq.push(&sqe) }.expect("checked not full");
                     pushed += 1;
                 }
             }
             ring.submit()?;
         }
-        efd.write(ops as u64)?;
+        reads.efd().write(ops as u64)?;
         let mut reaped = 0;
         while reaped < ops {
             ring.submit_and_wait(1)?;
@@ -165,6 +166,49 @@ fn warm_queue_ring(ops: usize) -> std::io::Result<()> {
                 reaped += 1;
             }
         }
+        reads.all_reaped();
         Ok(())
     })
+}
+
+/// The warm-up reads' buffers and eventfd. Reads submitted to the ring may complete, and write
+/// to their buffer, at any time until they are reaped; so these are freed only after
+/// [`all_reaped`](Self::all_reaped), and leaked on any early return (an error half way through
+/// the warm-up), never freed under a read the kernel still holds.
+struct WarmReads {
+    efd: Option<nix::sys::eventfd::EventFd>,
+    bufs: Vec<[u8; 8]>,
+    reaped: bool,
+}
+
+impl WarmReads {
+    fn new(efd: nix::sys::eventfd::EventFd, ops: usize) -> Self {
+        Self {
+            efd: Some(efd),
+            bufs: vec![[0u8; 8]; ops],
+            reaped: false,
+        }
+    }
+
+    fn efd(&self) -> &nix::sys::eventfd::EventFd {
+        self.efd.as_ref().expect("present until dropped")
+    }
+
+    fn buf(&mut self, i: usize) -> *mut u8 {
+        self.bufs[i].as_mut_ptr()
+    }
+
+    fn all_reaped(&mut self) {
+        self.reaped = true;
+    }
+}
+
+impl Drop for WarmReads {
+    fn drop(&mut self) {
+        if !self.reaped {
+            // Reads may still be in flight: their targets must stay valid for ever.
+            std::mem::forget(std::mem::take(&mut self.bufs));
+            std::mem::forget(self.efd.take());
+        }
+    }
 }

@@ -135,3 +135,89 @@ fn standby_takes_over_after_kills_and_upgrades_under_a_hog_losing_nothing() {
     assert!(out.section("first").unwrap().contains("standby:     pid"));
     assert!(c.contains("standby ok"));
 }
+
+/// A queue that ends on its own while the kernel still holds the device is a crash, not a stop:
+/// the device, its kept key and every page stay, the daemon exits with status 75, and the
+/// device is served again, by `ublk-crypt recover` without a standby and by the standby with
+/// one. (Before: the daemon took the clean-stop path, deleted the device and forgot the key.)
+/// The queue's end is injected (`test-queue-exited 0`, served only with
+/// `UBLK_CRYPT_TEST_HOOKS=1`); the main thread's response is what is under test.
+#[test]
+fn a_queue_ending_on_its_own_leaves_the_device_for_recovery() {
+    if !vm_or_skip("a_queue_ending_on_its_own_leaves_the_device_for_recovery") {
+        return;
+    }
+    let script = format!(
+        r#"{HELPERS}
+        head -c 8388608 /dev/urandom > /tmp/data
+        intact() {{ dd if=/dev/ublkb0 bs=1M count=8 iflag=direct 2>/dev/null | cmp - /tmp/data; }}
+        # No standby, in the foreground: its exit status is part of the point.
+        UBLK_CRYPT_TEST_HOOKS=1 ublk-crypt open /dev/vda --key-file /dev/urandom --name sb \
+            --no-standby --foreground > /tmp/fg.log 2>&1 &
+        fg=$!
+        for i in $(seq 300); do ublk-crypt status sb > /dev/null 2>&1 && break; sleep 0.1; done
+        dd if=/tmp/data of=/dev/ublkb0 bs=1M oflag=direct status=none
+        ctl-raw /run/ublk-crypt/0.sock "test-queue-exited 0" || true
+        set +e; wait $fg; rc=$?; set -e
+        vm_begin no-standby
+        echo "rc=$rc"
+        test -e /sys/block/ublkb0 && echo device-kept
+        echo "keys=$(grep -c ublk-crypt /proc/keys || true)"
+        grep -o 'queue 0 ended on its own.*' /tmp/fg.log || true
+        vm_end no-standby
+        until ublk-crypt list | grep -q 'no daemon'; do sleep 0.1; done
+        ublk-crypt recover sb
+        intact && echo intact-after-recover
+        ublk-crypt close sb
+        # With a standby (the default): it takes the device over by itself.
+        UBLK_CRYPT_TEST_HOOKS=1 ublk-crypt open /dev/vda --key-file /dev/urandom --name sb > /dev/null
+        dd if=/tmp/data of=/dev/ublkb0 bs=1M oflag=direct status=none
+        s=$(wait_ready_standby 0)
+        p=$(primary)
+        ctl-raw /run/ublk-crypt/0.sock "test-queue-exited 0" || true
+        wait_new_primary $p
+        vm_begin with-standby
+        echo "old=$p standby=$s new=$(primary)"
+        takeover
+        intact && echo intact-after-takeover
+        vm_end with-standby
+        ublk-crypt close sb
+        sleep 1
+        echo "keys-at-end=$(grep -c ublk-crypt /proc/keys || true)"
+        "#
+    );
+    let out = Vm::builder()
+        .binary(ublk_crypt_tests::release_binary("ublk-crypt"))
+        .binary(ublk_crypt_tests::release_binary("ctl-raw"))
+        .memory_mib(512)
+        .disk_mib(64)
+        .timeout(Duration::from_secs(300))
+        .run(&script)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = |n: &str| out.section(n).unwrap_or_else(|| panic!("no section {n}"));
+    let a = s("no-standby");
+    assert!(
+        a.contains("rc=75") && a.contains("device-kept") && a.contains("keys=1"),
+        "without a standby: {a}"
+    );
+    assert!(a.contains("queue 0 ended on its own"), "its log line: {a}");
+    assert!(
+        out.console.contains("intact-after-recover"),
+        "data lost across recover"
+    );
+    let b = s("with-standby");
+    let field = |k: &str| {
+        b.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        field("standby="),
+        field("new="),
+        "the standby took over: {b}"
+    );
+    assert!(b.contains("\"kind\":\"crash\""), "{b}");
+    assert!(b.contains("intact-after-takeover"), "data lost: {b}");
+    assert!(out.console.contains("keys-at-end=0"));
+}
