@@ -174,12 +174,12 @@ pub fn ublk_error(what: &str, id: Option<u32>, e: UblkError) -> anyhow::Error {
 }
 
 /// Device parameters, as dm-crypt would present the same volume: logical block = encryption
-/// sector, a volatile cache (so FLUSH reaches us and we fdatasync the backing), discard only
+/// sector, or the backing's logical block where that is larger (`Geometry::block_size`), a volatile cache (so FLUSH reaches us and we fdatasync the backing), discard only
 /// when allowed. Also registers the backing as the queue rings' fixed file 1 and sizes the
 /// rings ([`OPS_PER_TAG`], `CQ_ENTRIES_PER_TAG`).
 pub fn set_params(dev: &mut UblkDev, ctx: &DeviceContext) -> Result<(), UblkError> {
     let rec = &ctx.record;
-    let shift = rec.sector_size.trailing_zeros() as u8;
+    let shift = ctx.geometry.block_size.trailing_zeros() as u8;
     let tgt = &mut dev.tgt;
     tgt.fds[tgt.nr_fds as usize] = ctx.backing.file().as_raw_fd();
     tgt.nr_fds += 1;
@@ -207,7 +207,7 @@ pub fn set_params(dev: &mut UblkDev, ctx: &DeviceContext) -> Result<(), UblkErro
             ..Default::default()
         },
         discard: sys::ublk_param_discard {
-            discard_granularity: rec.sector_size,
+            discard_granularity: ctx.geometry.block_size,
             max_discard_sectors: 1 << 22,
             max_write_zeroes_sectors: 0,
             max_discard_segments: 1,
