@@ -19,6 +19,13 @@
 //! reserve. Nothing here allocates: the request data and the backing are reached through the
 //! two traits below, whose production implementations (user copy on `/dev/ublkcN`, io_uring on
 //! the queue's ring) are syscalls and preallocated ring entries.
+//!
+//! A backing error never reaches the kernel as itself: a transient one (EAGAIN, EINTR, ENOMEM,
+//! ECANCELED: io_uring or the backing short of something for a moment, which is exactly what
+//! memory pressure looks like) is retried, up to [`TRANSIENT_RETRIES`] times; anything else,
+//! or a transient error that persists, is EIO. A failed swap-in kills the process that owns
+//! the page, so an error that the next attempt would not have is never worth returning; and
+//! the block layer and swap make sense of EIO, not of the backing's own errno.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -120,6 +127,20 @@ impl SectorCrypto for InlineCrypto<'_> {
     }
 }
 
+/// How often one backing operation is resubmitted after a transient error before the IO fails
+/// with EIO. Each try is a round trip through the queue's ring, so this bounds a burst of
+/// failures to well under a millisecond of retrying, not a wait for memory that may never come.
+pub const TRANSIENT_RETRIES: u32 = 64;
+
+/// Errors that the next attempt may not have: io_uring or the backing short of memory or
+/// interrupted, an operation cancelled under it.
+fn is_transient(res: i32) -> bool {
+    matches!(
+        -res,
+        libc::EAGAIN | libc::EINTR | libc::ENOMEM | libc::ECANCELED
+    )
+}
+
 /// Everything one queue needs to serve requests; one per queue thread.
 pub struct IoPath<'a> {
     /// The daemon's pool lives as long as the process; chunks may move to crypto workers.
@@ -148,12 +169,12 @@ impl IoPath<'_> {
             op::WRITE => self.write(io, req, backing, crypto).await,
             op::FLUSH => {
                 QueueCounters::add(&self.counters.flushes, 1);
-                backing.flush().await
+                self.retrying(|| backing.flush()).await
             }
             op::DISCARD if self.allow_discards && !self.readonly => {
                 QueueCounters::add(&self.counters.discards, 1);
                 let (off, len) = self.backing_range(io);
-                backing.discard(off, len).await
+                self.retrying(|| backing.discard(off, len)).await
             }
             // Not advertised; a zeroed plaintext is not zeroed ciphertext, so these could only
             // be served by encrypting zeros, which the kernel already does for us when the
@@ -172,6 +193,36 @@ impl IoPath<'_> {
             }
         }
         res
+    }
+
+    /// Runs one backing operation, resubmitting it after a transient error (see the module
+    /// doc); a failure that remains is [`Self::backing_failed`]'s EIO.
+    async fn retrying<F: std::future::Future<Output = i32>>(&self, op: impl Fn() -> F) -> i32 {
+        let mut tries = 0;
+        loop {
+            let r = op().await;
+            if r >= 0 {
+                return r;
+            }
+            if !is_transient(r) || tries == TRANSIENT_RETRIES {
+                return self.backing_failed(r);
+            }
+            tries += 1;
+            QueueCounters::add(&self.counters.backing_retries, 1);
+        }
+    }
+
+    /// A backing error that stays: EIO for the kernel. Another errno is the cause worth
+    /// knowing, so it goes to the kernel log first, under the same once-a-second limit as the
+    /// IO's own line (which then names EIO): one line per burst, the cause's.
+    fn backing_failed(&self, res: i32) -> i32 {
+        if res != -libc::EIO && self.error_log.allow() {
+            crate::kernel_log::error(format_args!(
+                "queue {}: backing IO failed, errno {} (the IO fails with EIO)",
+                self.queue, -res
+            ));
+        }
+        -libc::EIO
     }
 
     fn backing_range(&self, io: &IoDesc) -> (u64, u64) {
@@ -209,7 +260,9 @@ impl IoPath<'_> {
             if !ok {
                 return -libc::EINVAL;
             }
-            let r = write_all(backing, &chunk[..n], base + done as u64).await;
+            let r = self
+                .write_all(backing, &chunk[..n], base + done as u64)
+                .await;
             if r < 0 {
                 return r;
             }
@@ -241,7 +294,9 @@ impl IoPath<'_> {
                 None => {
                     let mut c = self.chunk().await;
                     let n = (total - done).min(c.len());
-                    let r = read_all(backing, &mut c[..n], base + done as u64).await;
+                    let r = self
+                        .read_all(backing, &mut c[..n], base + done as u64)
+                        .await;
                     if r < 0 {
                         return r;
                     }
@@ -261,7 +316,7 @@ impl IoPath<'_> {
                     let m = (total - next_at).min(next.len());
                     let ((c, ok), r) = join2(
                         crypto.crypt_overlapped(chunk, n, sector, false),
-                        read_all(backing, &mut next[..m], base + next_at as u64),
+                        self.read_all(backing, &mut next[..m], base + next_at as u64),
                     )
                     .await;
                     chunk = c;
@@ -287,6 +342,49 @@ impl IoPath<'_> {
         }
         self.count(&self.counters.reads, &self.counters.bytes_read, total);
         total as i32
+    }
+
+    /// Short transfers are continued for the rest, transient errors retried (a bounded number
+    /// of times in a row); end of device or no progress is -EIO.
+    async fn write_all(&self, backing: &impl BackingIo, buf: &[u8], offset: u64) -> i32 {
+        let (mut done, mut tries) = (0, 0);
+        while done < buf.len() {
+            match backing.write_at(&buf[done..], offset + done as u64).await {
+                r if is_transient(r) && tries < TRANSIENT_RETRIES => {
+                    tries += 1;
+                    QueueCounters::add(&self.counters.backing_retries, 1);
+                }
+                r if r < 0 => return self.backing_failed(r),
+                0 => return -libc::EIO,
+                r => {
+                    done += r as usize;
+                    tries = 0;
+                }
+            }
+        }
+        0
+    }
+
+    async fn read_all(&self, backing: &impl BackingIo, buf: &mut [u8], offset: u64) -> i32 {
+        let (mut done, mut tries) = (0, 0);
+        while done < buf.len() {
+            match backing
+                .read_at(&mut buf[done..], offset + done as u64)
+                .await
+            {
+                r if is_transient(r) && tries < TRANSIENT_RETRIES => {
+                    tries += 1;
+                    QueueCounters::add(&self.counters.backing_retries, 1);
+                }
+                r if r < 0 => return self.backing_failed(r),
+                0 => return -libc::EIO,
+                r => {
+                    done += r as usize;
+                    tries = 0;
+                }
+            }
+        }
+        0
     }
 
     fn count(&self, ops: &AtomicU64, bytes: &AtomicU64, total: usize) {
@@ -325,34 +423,6 @@ async fn join2<A: std::future::Future, B: std::future::Future>(
         }
     })
     .await
-}
-
-/// Short transfers are retried for the rest; end of device or no progress is -EIO.
-async fn write_all(backing: &impl BackingIo, buf: &[u8], offset: u64) -> i32 {
-    let mut done = 0;
-    while done < buf.len() {
-        match backing.write_at(&buf[done..], offset + done as u64).await {
-            r if r < 0 => return r,
-            0 => return -libc::EIO,
-            r => done += r as usize,
-        }
-    }
-    0
-}
-
-async fn read_all(backing: &impl BackingIo, buf: &mut [u8], offset: u64) -> i32 {
-    let mut done = 0;
-    while done < buf.len() {
-        match backing
-            .read_at(&mut buf[done..], offset + done as u64)
-            .await
-        {
-            r if r < 0 => return r,
-            0 => return -libc::EIO,
-            r => done += r as usize,
-        }
-    }
-    0
 }
 
 /// At most one log line per interval: a failing disk must not turn the IO path into a logger

@@ -45,6 +45,7 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         q: &q,
         fd: ctx.backing.file().as_raw_fd(),
         block_device: ctx.backing.block_device,
+        fault: BackingFault::from_env(),
     };
     let depth = usize::from(q.dev.dev_info.queue_depth);
     let in_flight = InFlight::default();
@@ -203,6 +204,47 @@ struct UringBacking<'a> {
     q: &'a UblkQueue<'a>,
     fd: i32,
     block_device: bool,
+    fault: Option<BackingFault>,
+}
+
+/// A VM tests' hook (never set in production): with `UBLK_CRYPT_TEST_HOOKS=1` and
+/// `UBLK_CRYPT_TEST_BACKING_FAULT=ERRNO/EVERY` in the daemon's environment, every EVERY-th
+/// backing read or write of a queue fails with ERRNO without reaching the ring: a backing short
+/// of memory now and then (EAGAIN, ENOMEM), or one that fails (ENOSPC). Read once, when the
+/// queue starts.
+struct BackingFault {
+    errno: i32,
+    every: u32,
+    count: std::cell::Cell<u32>,
+}
+
+impl BackingFault {
+    fn from_env() -> Option<BackingFault> {
+        if std::env::var_os("UBLK_CRYPT_TEST_HOOKS").is_none_or(|v| v != "1") {
+            return None;
+        }
+        let v = std::env::var("UBLK_CRYPT_TEST_BACKING_FAULT").ok()?;
+        let (errno, every) = v.split_once('/')?;
+        let fault = BackingFault {
+            errno: errno.parse().ok()?,
+            every: every.parse().ok().filter(|&n| n > 0)?,
+            count: std::cell::Cell::new(0),
+        };
+        tracing::warn!(
+            "test hook: every {}th backing IO fails with errno {}",
+            fault.every,
+            fault.errno
+        );
+        Some(fault)
+    }
+
+    /// The injected result for this operation, if it is one to fail.
+    fn hit(fault: &Option<BackingFault>) -> Option<i32> {
+        let f = fault.as_ref()?;
+        let n = f.count.get() + 1;
+        f.count.set(n % f.every);
+        (n == f.every).then_some(-f.errno)
+    }
 }
 
 /// Registered file index of the backing on every queue ring (0 is /dev/ublkcN).
@@ -210,6 +252,9 @@ const BACKING_FIXED: types::Fixed = types::Fixed(1);
 
 impl BackingIo for UringBacking<'_> {
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> i32 {
+        if let Some(r) = BackingFault::hit(&self.fault) {
+            return r;
+        }
         let sqe = opcode::Read::new(BACKING_FIXED, buf.as_mut_ptr(), buf.len() as u32)
             .offset(offset)
             .build();
@@ -219,6 +264,9 @@ impl BackingIo for UringBacking<'_> {
     }
 
     async fn write_at(&self, buf: &[u8], offset: u64) -> i32 {
+        if let Some(r) = BackingFault::hit(&self.fault) {
+            return r;
+        }
         let sqe = opcode::Write::new(BACKING_FIXED, buf.as_ptr(), buf.len() as u32)
             .offset(offset)
             .build();

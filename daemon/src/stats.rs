@@ -19,6 +19,10 @@ pub struct QueueCounters {
     /// ublk commands resubmitted because io_uring was short of memory (ENOMEM/EAGAIN). Counted,
     /// not logged: it happens exactly when memory is short.
     pub command_retries: AtomicU64,
+    /// Backing operations resubmitted after a transient error (EAGAIN, EINTR, ENOMEM,
+    /// ECANCELED): such an error never becomes the IO's result unless it persists
+    /// (`io::TRANSIENT_RETRIES`).
+    pub backing_retries: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -33,6 +37,8 @@ pub struct QueueSnapshot {
     pub split_ios: u64,
     #[serde(default)]
     pub command_retries: u64,
+    #[serde(default)]
+    pub backing_retries: u64,
 }
 
 impl QueueCounters {
@@ -52,6 +58,7 @@ impl QueueCounters {
             errors: self.errors.load(Relaxed),
             split_ios: self.split_ios.load(Relaxed),
             command_retries: self.command_retries.load(Relaxed),
+            backing_retries: self.backing_retries.load(Relaxed),
         }
     }
 }

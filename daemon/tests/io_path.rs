@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use common::{MemBacking, MemRequest};
 use ublk_crypt::executor::block_on;
-use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit};
+use ublk_crypt::io::{op, InlineCrypto, IoDesc, IoPath, RateLimit, TRANSIENT_RETRIES};
 use ublk_crypt::stats::QueueCounters;
 use ublk_crypt_crypto::{CipherSpec, Key, SectorCipher, SectorLayout};
 use ublk_crypt_pool::{PoolConfig, ReservePool};
@@ -248,6 +248,74 @@ fn refusals_and_errors_have_the_right_errno() {
     );
     assert_eq!(rig.pool.stats().in_use, 0, "a failed IO returns its chunk");
     assert!(rig.counters.snapshot().errors >= 5);
+}
+
+/// Issue 18 item 7: a transient backing error (io_uring or the backing short of memory for a
+/// moment) is retried, never the IO's result; one that persists past the bound, or any other
+/// error, reaches the kernel as EIO.
+#[test]
+fn transient_backing_errors_are_retried_and_others_become_eio() {
+    let rig = Rig::new(512);
+    let io = rig.path(0, false, true);
+    let crypto = InlineCrypto(&rig.cipher);
+    let plain = pattern(128 << 10, 5);
+    let w = IoDesc {
+        op: op::WRITE,
+        start_sector: 16,
+        nr_sectors: 256,
+    };
+    let r = IoDesc { op: op::READ, ..w };
+    let f = IoDesc {
+        op: op::FLUSH,
+        start_sector: 0,
+        nr_sectors: 0,
+    };
+    let d = IoDesc {
+        op: op::DISCARD,
+        ..w
+    };
+    let retries = || rig.counters.snapshot().backing_retries;
+    for errno in [libc::EAGAIN, libc::EINTR, libc::ENOMEM, libc::ECANCELED] {
+        let mut backing = MemBacking::new(1 << 20);
+        backing.fail = Some(errno);
+        let before = retries();
+        backing.fail_left.set(3);
+        let req = MemRequest(RefCell::new(plain.clone()));
+        assert_eq!(block_on(io.handle(&w, &req, &backing, &crypto)), 128 << 10);
+        backing.fail_left.set(3);
+        let out = MemRequest(RefCell::new(vec![0; 128 << 10]));
+        assert_eq!(block_on(io.handle(&r, &out, &backing, &crypto)), 128 << 10);
+        assert!(*out.0.borrow() == plain, "errno {errno}: data intact");
+        backing.fail_left.set(2);
+        assert_eq!(block_on(io.handle(&f, &req, &backing, &crypto)), 0);
+        backing.fail_left.set(2);
+        assert_eq!(block_on(io.handle(&d, &req, &backing, &crypto)), 0);
+        assert_eq!(
+            retries() - before,
+            10,
+            "errno {errno}: every failure retried"
+        );
+    }
+    let errors = rig.counters.snapshot().errors;
+    assert_eq!(errors, 0, "no transient error became the IO's result");
+
+    // A transient error that persists: EIO after the bound, not a wait for ever.
+    let mut stuck = MemBacking::new(1 << 20);
+    stuck.fail = Some(libc::ENOMEM);
+    let before = retries();
+    let req = MemRequest(RefCell::new(plain.clone()));
+    assert_eq!(block_on(io.handle(&w, &req, &stuck, &crypto)), -libc::EIO);
+    assert_eq!(retries() - before, u64::from(TRANSIENT_RETRIES));
+    // Anything else is EIO at once, whatever the backing said.
+    for errno in [libc::ENOSPC, libc::EINVAL, libc::EBADF, libc::EIO] {
+        let mut failing = MemBacking::new(1 << 20);
+        failing.fail = Some(errno);
+        let before = retries();
+        assert_eq!(block_on(io.handle(&w, &req, &failing, &crypto)), -libc::EIO);
+        assert_eq!(block_on(io.handle(&f, &req, &failing, &crypto)), -libc::EIO);
+        assert_eq!(retries(), before, "errno {errno} is not retried");
+    }
+    assert_eq!(rig.pool.stats().in_use, 0, "failed IOs return their chunks");
 }
 
 #[test]

@@ -604,6 +604,96 @@ fn backing_errors_are_eio_counted_and_in_the_kernel_log() {
     assert!(out.console.contains("errors ok"));
 }
 
+/// Transient backing errors (issue 18 item 7), injected by the daemon's test hook: every third
+/// backing read or write failing with EAGAIN, and every seventh with ENOMEM, under fio verify
+/// at queue depth 32: fio sees no error and verifies every block, the daemon counts the
+/// retries and no failed IO. A transient error that persists (every backing IO ENOMEM) fails
+/// the IO with EIO after the bound, not a hang; any other error (ENOSPC) is EIO at once, its
+/// cause in the kernel log. Before: the first EAGAIN reached fio as the IO's error.
+#[test]
+fn transient_backing_errors_never_reach_the_caller() {
+    if !vm_or_skip("transient_backing_errors_never_reach_the_caller") {
+        return;
+    }
+    let out = vm()
+        .host_tool("fio")
+        .disk_mib(64)
+        .timeout(Duration::from_secs(400))
+        .run(
+            r#"
+            flaky() {  # ERRNO/EVERY NAME
+                UBLK_CRYPT_TEST_HOOKS=1 UBLK_CRYPT_TEST_BACKING_FAULT=$1 \
+                    ublk-crypt open /dev/vda --key-file /root/key --name $2
+            }
+            for fault in 11/3 12/7; do
+                dev=$(flaky $fault flaky)
+                set +e
+                fio --name=v --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 \
+                    --rw=randwrite --bsrange=4k-256k --size=24M --verify=crc32c \
+                    --verify_fatal=1 --do_verify=1 --randrepeat=0 > /tmp/fio.out 2>&1
+                echo "fio-rc-$fault=$?"
+                set -e
+                grep -E "err=|verify" /tmp/fio.out | head -5
+                vm_section "status-${fault%/*}" ublk-crypt status flaky --json
+                ublk-crypt close flaky
+            done
+            # ENOMEM on every backing IO: EIO after the retries, promptly.
+            dev=$(flaky 12/1 stuck)
+            if timeout 20 dd if=$dev of=/dev/null bs=4k count=1 iflag=direct 2> /tmp/err; then
+                echo "a read through a backing that always fails succeeded"; exit 1
+            fi
+            vm_section persistent cat /tmp/err
+            ublk-crypt close stuck
+            # ENOSPC: not transient, EIO at once, the cause in the kernel log.
+            dev=$(flaky 28/1 full)
+            if dd if=/dev/zero of=$dev bs=64k count=1 oflag=direct 2> /tmp/err; then
+                echo "a write through a failing backing succeeded"; exit 1
+            fi
+            vm_section other cat /tmp/err
+            vm_section status-28 ublk-crypt status full --json
+            ublk-crypt close full
+            echo "transient checks done"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = |n: &str| out.section(n).unwrap_or_else(|| panic!("no section {n}"));
+    let field = |json: &str, k: &str| -> u64 {
+        json.split(&format!("\"{k}\":"))
+            .skip(1)
+            .filter_map(|r| {
+                r.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    for (fault, errno) in [("11/3", "11"), ("12/7", "12")] {
+        assert!(
+            out.console.contains(&format!("fio-rc-{fault}=0")),
+            "fio saw no error with errno {errno} injected"
+        );
+        let st = s(&format!("status-{errno}"));
+        assert!(field(&st, "backing_retries") > 0, "retries counted: {st}");
+        assert_eq!(field(&st, "errors"), 0, "no IO failed: {st}");
+    }
+    for sec in ["persistent", "other"] {
+        assert!(
+            s(sec).to_lowercase().contains("input/output error"),
+            "{sec}: EIO, not the backing's errno: {}",
+            s(sec)
+        );
+    }
+    assert!(field(&s("status-28"), "errors") >= 1);
+    assert!(
+        out.console
+            .lines()
+            .any(|l| l.contains("backing IO failed, errno 28 (the IO fails with EIO)")),
+        "the cause in the kernel log"
+    );
+    assert!(out.console.contains("transient checks done"));
+}
+
 /// The daemon itself refuses `close` of a device that is in use, even when asked straight
 /// through its socket (a client that skipped the check, or a swapon racing it); `close` of a
 /// device whose daemon died refuses while it is in use, keeps device and key, and says how to

@@ -65,11 +65,13 @@ impl Future for Suspend<'_> {
     }
 }
 
-/// A backing disk in memory. `max_transfer` forces short transfers; `fail` injects an errno.
+/// A backing disk in memory. `max_transfer` forces short transfers; `fail` injects an errno
+/// into every operation, or into the next `fail_left` ones.
 pub struct MemBacking {
     pub data: RefCell<Vec<u8>>,
     pub max_transfer: usize,
     pub fail: Option<i32>,
+    pub fail_left: std::cell::Cell<u32>,
     pub flushes: RefCell<u32>,
     pub discards: RefCell<Vec<(u64, u64)>>,
     /// If set, every read/write suspends until the completions are reaped.
@@ -82,10 +84,21 @@ impl MemBacking {
             data: RefCell::new(vec![0; len]),
             max_transfer: usize::MAX,
             fail: None,
+            fail_left: std::cell::Cell::new(u32::MAX),
             flushes: RefCell::new(0),
             discards: RefCell::new(Vec::new()),
             completions: None,
         }
+    }
+    /// The injected error, if this operation is to fail.
+    fn failure(&self) -> Option<i32> {
+        let e = self.fail?;
+        let left = self.fail_left.get();
+        if left == 0 {
+            return None;
+        }
+        self.fail_left.set(left - 1);
+        Some(-e)
     }
     async fn op_delay(&self) {
         if let Some(c) = self.completions {
@@ -101,8 +114,8 @@ impl MemBacking {
 impl BackingIo for MemBacking {
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> i32 {
         self.op_delay().await;
-        if let Some(e) = self.fail {
-            return -e;
+        if let Some(e) = self.failure() {
+            return e;
         }
         let n = buf.len().min(self.max_transfer);
         let o = offset as usize;
@@ -111,8 +124,8 @@ impl BackingIo for MemBacking {
     }
     async fn write_at(&self, buf: &[u8], offset: u64) -> i32 {
         self.op_delay().await;
-        if let Some(e) = self.fail {
-            return -e;
+        if let Some(e) = self.failure() {
+            return e;
         }
         let n = buf.len().min(self.max_transfer);
         let o = offset as usize;
@@ -120,10 +133,16 @@ impl BackingIo for MemBacking {
         n as i32
     }
     async fn flush(&self) -> i32 {
+        if let Some(e) = self.failure() {
+            return e;
+        }
         *self.flushes.borrow_mut() += 1;
         0
     }
     async fn discard(&self, offset: u64, len: u64) -> i32 {
+        if let Some(e) = self.failure() {
+            return e;
+        }
         self.discards.borrow_mut().push((offset, len));
         0
     }
