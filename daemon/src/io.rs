@@ -216,6 +216,10 @@ impl IoPath<'_> {
     /// knowing, so it goes to the kernel log first, under the same once-a-second limit as the
     /// IO's own line (which then names EIO): one line per burst, the cause's.
     fn backing_failed(&self, res: i32) -> i32 {
+        if res == -libc::EOPNOTSUPP {
+            // A backing that cannot discard: an answer about the request, not a failure.
+            return res;
+        }
         if res != -libc::EIO && self.error_log.allow() {
             crate::kernel_log::error(format_args!(
                 "queue {}: backing IO failed, errno {} (the IO fails with EIO)",

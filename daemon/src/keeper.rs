@@ -100,8 +100,14 @@ fn start(ctx: &DeviceContext, exe: &Path) -> Result<Child> {
 /// Stops keeping a standby and ends the current one: the device is stopping.
 pub fn stop(ctx: &DeviceContext) {
     ctx.standby.quiet.store(true, Ordering::Release);
-    kill(ctx.standby.pid.load(Ordering::Acquire));
-    kill(ctx.standby.upgrade_pid.swap(0, Ordering::AcqRel));
+    let pids = [
+        ctx.standby.pid.load(Ordering::Acquire),
+        ctx.standby.upgrade_pid.swap(0, Ordering::AcqRel),
+    ];
+    pids.into_iter().for_each(kill);
+    // Until they have let go of the backing: `close` returning means the backing is free for
+    // `cryptsetup open` or `dmsetup remove` at once, not after a standby's exit a moment later.
+    pids.into_iter().for_each(wait_exited);
 }
 
 fn kill(pid: u32) {
@@ -110,6 +116,28 @@ fn kill(pid: u32) {
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+}
+
+/// Waits (at most 5 s) until `pid` is gone or a zombie, whose files are closed.
+fn wait_exited(pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    for _ in 0..500 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            // The state follows the command name's closing parenthesis.
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
     }
 }
 

@@ -46,6 +46,7 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         fd: ctx.backing.file().as_raw_fd(),
         block_device: ctx.backing.block_device,
         fault: BackingFault::from_env(),
+        sync_discard: std::cell::Cell::new(false),
     };
     let depth = usize::from(q.dev.dev_info.queue_depth);
     let in_flight = InFlight::default();
@@ -205,6 +206,8 @@ struct UringBacking<'a> {
     fd: i32,
     block_device: bool,
     fault: Option<BackingFault>,
+    /// The kernel has no io_uring discard command: BLKDISCARD it is.
+    sync_discard: std::cell::Cell<bool>,
 }
 
 /// A VM tests' hook (never set in production): with `UBLK_CRYPT_TEST_HOOKS=1` and
@@ -281,27 +284,52 @@ impl BackingIo for UringBacking<'_> {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> i32 {
-        if self.block_device {
-            // BLKDISCARD = _IO(0x12, 119); a synchronous ioctl, as the kernel's loop driver does.
-            let range = [offset, len];
-            // SAFETY: BLKDISCARD reads a [u64; 2] (start, length) from a valid pointer.
-            let r = unsafe { libc::ioctl(self.fd, 0x1277, range.as_ptr()) };
-            if r < 0 {
-                -std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::EIO)
-            } else {
-                0
-            }
-        } else {
+        if !self.block_device {
             let sqe = opcode::Fallocate::new(BACKING_FIXED, len)
                 .offset(offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build();
-            self.q.ublk_submit_sqe(sqe).await
+            return self.q.ublk_submit_sqe(sqe).await;
+        }
+        if !self.sync_discard.get() {
+            // BLOCK_URING_CMD_DISCARD (6.12): the discard in flight on the ring like any other
+            // backing IO, so the queue's reads and writes go on meanwhile. A discard may take
+            // seconds on some disks; the BLKDISCARD ioctl would stall every tag of the queue.
+            // Issued from io_uring's worker (IOSQE_ASYNC), not inline: inline it is a REQ_NOWAIT
+            // bio, which a device without nowait support (device-mapper's delay, linear over
+            // some disks, ...) fails with EOPNOTSUPP instead of queueing.
+            let sqe = opcode::UringCmd16::new(BACKING_FIXED, BLOCK_URING_CMD_DISCARD)
+                .addr(Some(offset))
+                .cmd(u128::from(len).to_le_bytes())
+                .build()
+                .flags(io_uring::squeue::Flags::ASYNC);
+            let r = self.q.ublk_submit_sqe(sqe).await;
+            if r != -libc::EOPNOTSUPP {
+                return r;
+            }
+        }
+        // No such command (a kernel before 6.12 says EOPNOTSUPP; so does a disk without
+        // discard, and then the ioctl says it too): the synchronous ioctl, as the kernel's loop
+        // driver does, from then on if it works.
+        let range = [offset, len];
+        // SAFETY: BLKDISCARD reads a [u64; 2] (start, length) from a valid pointer.
+        let r = unsafe { libc::ioctl(self.fd, BLKDISCARD, range.as_ptr()) };
+        if r < 0 {
+            -std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        } else {
+            self.sync_discard.set(true);
+            0
         }
     }
 }
+
+/// `BLOCK_URING_CMD_DISCARD` = `_IO(0x12, 0)` (`linux/blkdev.h`, 6.12): start in the SQE's
+/// `addr`, length in `addr3` (the first 8 bytes of a 16-byte command).
+const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+/// `BLKDISCARD` = `_IO(0x12, 119)`.
+const BLKDISCARD: libc::c_ulong = 0x1277;
 
 /// The wait for a crypto worker as a poll of the slot's eventfd on the queue's io_uring: the
 /// queue thread serves other tags meanwhile. A poll, not a read: a read that waits makes

@@ -694,6 +694,74 @@ fn transient_backing_errors_never_reach_the_caller() {
     assert!(out.console.contains("transient checks done"));
 }
 
+/// A slow discard does not stall the queue (issue 18 item 8): the backing is a dm-delay device
+/// whose writes, discards included, take 3 s (reads none), over a loop device that can
+/// discard. While `blkdiscard` of the ublk device waits for its 3 s, a read on the same queue
+/// completes at once: the discard is in flight on the queue's ring (io_uring's block discard
+/// command), not a BLKDISCARD ioctl on the queue thread, which held every tag for the 3 s.
+#[test]
+fn a_slow_discard_does_not_stall_the_queue() {
+    if !vm_or_skip("a_slow_discard_does_not_stall_the_queue") {
+        return;
+    }
+    let out = vm()
+        .host_tool("dmsetup")
+        .host_tool("losetup")
+        .host_tool("blkdiscard")
+        .module("loop")
+        .module("dm-delay")
+        .timeout(Duration::from_secs(300))
+        .run(
+            r#"
+            ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+            truncate -s 64M /tmp/disk
+            L=$(/usr/sbin/losetup -f --show /tmp/disk)
+            n=$(blockdev --getsz $L)
+            dmsetup create slow --table "0 $n delay $L 0 0 $L 0 3000"
+            dev=$(ublk-crypt open /dev/mapper/slow --key-file /root/key --allow-discards --name d)
+            dd if=$dev of=/dev/null bs=4k count=1 skip=9000 iflag=direct status=none  # warm
+            b0=$(ms)
+            dd if=$dev of=/dev/null bs=4k count=1 iflag=direct status=none
+            echo "read-alone-ms=$(( $(ms) - b0 ))"
+            t0=$(ms)
+            /usr/sbin/blkdiscard -o 0 -l 1048576 $dev &
+            bd=$!
+            sleep 0.5
+            pid=$(grep -o '"pid": *[0-9]*' /run/ublk-crypt/0.json | grep -o '[0-9]*$')
+            t1=$(ms)
+            # No skip=: an lseek on the device waits for the inode lock that the BLKDISCARD
+            # ioctl of blkdiscard holds, daemon or not.
+            dd if=$dev of=/dev/null bs=4k count=1 iflag=direct status=none
+            t2=$(ms)
+            wait $bd; rc=$?
+            t3=$(ms)
+            echo "read-during-discard-ms=$((t2 - t1)) discard-ms=$((t3 - t0)) discard-rc=$rc"
+            vm_section status ublk-crypt status d --json
+            ublk-crypt close d
+            dmsetup remove slow
+            /usr/sbin/losetup -d $L
+            echo "discard checks done"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let num = |k: &str| -> u64 {
+        out.console
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in the console"))
+    };
+    let (read, discard) = (num("read-during-discard-ms="), num("discard-ms="));
+    assert_eq!(num("discard-rc="), 0, "the discard succeeded");
+    assert!(discard >= 3000, "the discard took the delay: {discard} ms");
+    assert!(
+        read < 1500,
+        "a read waited {read} ms behind a {discard} ms discard on its queue"
+    );
+    assert!(out.section("status").unwrap().contains("\"discards\":"));
+    assert!(out.console.contains("discard checks done"));
+}
+
 /// The daemon itself refuses `close` of a device that is in use, even when asked straight
 /// through its socket (a client that skipped the check, or a swapon racing it); `close` of a
 /// device whose daemon died refuses while it is in use, keeps device and key, and says how to
