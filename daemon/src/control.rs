@@ -280,6 +280,23 @@ fn test_hooks() -> bool {
     std::env::var_os("UBLK_CRYPT_TEST_HOOKS").is_some_and(|v| v == "1")
 }
 
+/// The VM tests' failure of a recovery at `point` (`before-start`, `after-start`: around
+/// START_USER_RECOVERY), with `UBLK_CRYPT_TEST_HOOKS=1 UBLK_CRYPT_TEST_RECOVERY_FAIL=POINT`;
+/// `hang-POINT` waits there for ever instead (for a `kill -9`).
+pub fn recovery_test_hook(point: &str) -> Result<()> {
+    if !test_hooks() {
+        return Ok(());
+    }
+    match std::env::var("UBLK_CRYPT_TEST_RECOVERY_FAIL") {
+        Ok(v) if v == point => bail!("test hook: the recovery fails {point} START_USER_RECOVERY"),
+        Ok(v) if v.strip_prefix("hang-") == Some(point) => loop {
+            tracing::warn!("test hook: the recovery hangs {point} START_USER_RECOVERY");
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        _ => Ok(()),
+    }
+}
+
 /// `standby-ready PID LOCKED_SHARE_KIB`: only a standby this daemon started counts. It says
 /// its own share of locked memory: this daemon may not read a non-dumpable process's smaps
 /// (no `CAP_SYS_PTRACE` under the unit).

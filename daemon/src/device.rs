@@ -347,6 +347,14 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
     } else {
         control::spawn(ctx).map_err(|e| cleanup.undo(e))?;
     }
+    if matches!(role, Role::Recover) {
+        // Last: every step that can fail is behind us (record, workers, queue threads and
+        // their rings, the control socket), so a failed attempt leaves the device waiting for
+        // the next one, key and all.
+        control::recovery_test_hook("before-start")?;
+        ublk::start_recovery(&ctrl, id)?;
+        control::recovery_test_hook("after-start")?;
+    }
 
     let path = ctx.record.bdev_path();
     let became_ready = AtomicBool::new(false);

@@ -132,15 +132,7 @@ pub fn begin_recovery(ctrl: &UblkCtrl, id: u32) -> Result<bool> {
             _ => std::thread::sleep(Duration::from_millis(1)),
         }
     }
-    let r = ctrl
-        .start_user_recover()
-        .map_err(|e| crate::ublk::ublk_error("cannot start recovery", Some(id), e))?;
-    if r < 0 {
-        bail!(
-            "cannot start recovery of device {id}: {}",
-            std::io::Error::from_raw_os_error(-r)
-        );
-    }
+    crate::ublk::start_recovery(ctrl, id)?;
     Ok(true)
 }
 

@@ -112,21 +112,44 @@ pub fn create(id: Option<u32>, shape: &Shape) -> Result<UblkCtrl> {
     .map_err(|e| ublk_error("cannot create the ublk device", id, e))
 }
 
-/// Re-attaches to device `id`, whose daemon died: starts the kernel's user recovery and
-/// attaches with the queues the device has.
+/// A handle on device `id`, whose daemon died, to recover it with, with the queues the device
+/// has. Nothing changes in the kernel yet: [`start_recovery`] comes once everything else that
+/// can fail has been done, so that a recovery that fails leaves the device as it found it.
 pub fn recover(id: u32, shape: &Shape) -> Result<UblkCtrl> {
     let old = UblkCtrl::new_simple(id as i32)
         .map_err(|e| ublk_error("cannot open the ublk device", Some(id), e))?;
-    let r = old
-        .start_user_recover()
-        .map_err(|e| ublk_error("cannot start recovery", Some(id), e))?;
-    if r < 0 {
-        bail!("cannot start recovery of device {id}: {}", errno_str(r));
-    }
     let queues = old.dev_info().nr_hw_queues;
     drop(old);
     ctrl(id as i32, queues, shape, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .map_err(|e| ublk_error("cannot re-attach to the ublk device", Some(id), e))
+}
+
+/// START_USER_RECOVERY: from here the kernel waits for this process's queues (and ends the
+/// recovery when all have fetched their tags).
+///
+/// A recovery started by a process that died or failed before it opened the device's char
+/// device is taken up where it stopped: the kernel (6.12) refuses a second START with EINVAL
+/// while no queue is ready, and it needs none: the queues' fetches and END_USER_RECOVERY work
+/// as after a START of our own. (On a device that supports recovery, as every ublk-crypt device
+/// does, EINVAL has no other cause.) A recoverer that died after mapping a queue and before
+/// every queue fetched leaves the kernel holding its mm for the device; 6.12 cannot recover
+/// that (see tests/README.md, "Crash and recovery").
+pub fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<()> {
+    let r = match ctrl.start_user_recover() {
+        Ok(r) => r,
+        Err(UblkError::UringIOError(r)) => r,
+        Err(e) => return Err(ublk_error("cannot start recovery", Some(id), e)),
+    };
+    match r {
+        r if r >= 0 => Ok(()),
+        r if r == -libc::EINVAL => {
+            tracing::warn!(
+                "device {id}: a recovery was started before and not finished: taking it up"
+            );
+            Ok(())
+        }
+        r => bail!("cannot start recovery of device {id}: {}", errno_str(r)),
+    }
 }
 
 /// A handle on device `id`, served by another daemon, made now for a standby to recover it

@@ -380,6 +380,79 @@ fn kill_9_under_load_then_recover_loses_nothing() {
     assert!(out.console.contains("recovered ok"));
 }
 
+/// A recovery that fails half way leaves the device recoverable (issue 18 item 3): a device
+/// with an ephemeral key and 8 MiB written, its daemon killed; a `recover` that fails just
+/// before START_USER_RECOVERY, one that fails just after it (the daemon's test hook), and one
+/// killed while it waits to start; each exits non-zero (or dies) and leaves device and key;
+/// then a plain `recover` serves the same data. Before, the record, the control socket and the
+/// queue set-up all came after START_USER_RECOVERY.
+#[test]
+fn a_recovery_that_fails_half_way_leaves_the_device_recoverable() {
+    if !vm_or_skip("a_recovery_that_fails_half_way_leaves_the_device_recoverable") {
+        return;
+    }
+    let out = vm()
+        .memory_mib(512)
+        .disk_mib(64)
+        .timeout(Duration::from_secs(300))
+        .run(
+            r#"
+            head -c 8388608 /dev/urandom > /tmp/data
+            intact() { dd if=/dev/ublkb0 bs=1M count=8 iflag=direct 2>/dev/null | cmp - /tmp/data; }
+            state() { echo "$(ublk-crypt list | grep -c 'no daemon') keys=$(grep -c ublk-crypt /proc/keys)"; }
+            ublk-crypt open /dev/vda --key-file /dev/urandom --name half --no-standby > /dev/null
+            dd if=/tmp/data of=/dev/ublkb0 bs=1M oflag=direct status=none
+            kill -9 $(pidof ublk-crypt)
+            until ublk-crypt list | grep -q 'no daemon'; do sleep 0.1; done
+            for point in before-start after-start; do
+                set +e
+                UBLK_CRYPT_TEST_HOOKS=1 UBLK_CRYPT_TEST_RECOVERY_FAIL=$point \
+                    ublk-crypt recover half 2> /tmp/err
+                echo "recover-$point-rc=$?"
+                set -e
+                cat /tmp/err
+                sleep 0.5
+                echo "after-$point: $(state)"
+            done
+            # Killed while it waits after START_USER_RECOVERY (in the foreground: its pid).
+            UBLK_CRYPT_TEST_HOOKS=1 UBLK_CRYPT_TEST_RECOVERY_FAIL=hang-after-start \
+                ublk-crypt recover half --foreground > /tmp/hang.log 2>&1 &
+            h=$!
+            for i in $(seq 100); do grep -q "recovery hangs" /tmp/hang.log && break; sleep 0.1; done
+            cat /tmp/hang.log
+            kill -9 $h; wait $h || true
+            sleep 0.5
+            echo "after-kill: $(state)"
+            ublk-crypt recover half
+            intact && echo "intact-after-recover"
+            ublk-crypt close half
+            echo "keys-at-end=$(grep -c ublk-crypt /proc/keys || true)"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = &out.console;
+    for point in ["before-start", "after-start"] {
+        assert!(
+            !c.contains(&format!("recover-{point}-rc=0")),
+            "the hooked recovery failed ({point})"
+        );
+        assert!(
+            c.contains(&format!("the recovery fails {point} START_USER_RECOVERY")),
+            "its reason reached the client ({point})"
+        );
+        assert!(
+            c.contains(&format!("after-{point}: 1 keys=1")),
+            "device and key kept ({point})"
+        );
+    }
+    assert!(
+        c.contains("after-kill: 1 keys=1"),
+        "device and key kept after the kill"
+    );
+    assert!(c.contains("intact-after-recover"), "the data survived");
+    assert!(c.contains("keys-at-end=0"));
+}
+
 /// Every bad input gets one line on stderr, a non-zero exit, and leaves no device, daemon,
 /// record or key behind.
 #[test]
