@@ -11,7 +11,7 @@ use ublk_crypt_crypto::SectorLayout;
 use crate::benchmark::BenchmarkArgs;
 use crate::config::{DeviceConfig, KeySource};
 use crate::key_source::KeySpec;
-use crate::{benchmark, client, device, docs, readiness};
+use crate::{benchmark, client, device, docs, mkswap, readiness};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,6 +73,16 @@ pub enum Command {
     Upgrade {
         /// Device name, id, or /dev/ublkbN path.
         device: String,
+    },
+    /// Format a device as swap (mkswap), only if it is safe: served by a live daemon, with an
+    /// ephemeral key (--key-file /dev/urandom), neither it nor its backing holding a file
+    /// system, LUKS or other signature. What ublk-crypt-swap@.service runs.
+    Mkswap {
+        /// Device name, id, or /dev/ublkbN path.
+        device: String,
+        /// The swap area's label (mkswap --label).
+        #[arg(long, short = 'L')]
+        label: Option<String>,
     },
     /// The standby process of device ID, started by its daemon (internal).
     #[command(hide = true)]
@@ -228,6 +238,7 @@ impl OpenArgs {
             key_bits: self.key_size,
             // Replaced below, once the key size is known to be whole bytes.
             key: KeySource::Kept,
+            ephemeral: false,
             layout: SectorLayout {
                 sector_size: self.sector_size,
                 iv_large_sectors: self.iv_large_sectors,
@@ -259,6 +270,7 @@ impl OpenArgs {
             config.key_bytes(),
         )?;
         Ok(DeviceConfig {
+            ephemeral: key.is_ephemeral(),
             key: KeySource::Read(key),
             ..config
         })
@@ -278,6 +290,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Status { device, json } => client::status(&device, json),
         Command::Recover { device, foreground } => device::recover(&device, foreground),
         Command::Upgrade { device } => client::upgrade(&device),
+        Command::Mkswap { device, label } => mkswap::mkswap(&device, label.as_deref()),
         Command::Standby { id, pool_fd } => device::standby(id, pool_fd),
         Command::Benchmark(args) => benchmark::benchmark(args),
         Command::Completions { shell } => docs::completions(&Cli::command(), shell),

@@ -35,6 +35,8 @@ pub struct DeviceConfig {
     pub spec: CipherSpec,
     pub key_bits: usize,
     pub key: KeySource,
+    /// The key is a fresh random one (`--key-file /dev/urandom`; kept across a recovery).
+    pub ephemeral: bool,
     pub layout: SectorLayout,
     /// Start of the data on the backing, 512-byte sectors.
     pub offset: u64,
@@ -82,6 +84,7 @@ impl DeviceConfig {
             spec: rec.cipher.parse()?,
             key_bits: rec.key_bits,
             key: KeySource::Kept,
+            ephemeral: rec.ephemeral,
             layout: SectorLayout {
                 sector_size: rec.sector_size,
                 iv_large_sectors: rec.iv_large_sectors,
@@ -191,6 +194,7 @@ impl DeviceConfig {
             pin_queues: self.pin_queues,
             standby: self.standby,
             protections: self.protections,
+            ephemeral: self.ephemeral,
             pid: std::process::id(),
         }
     }
@@ -231,6 +235,7 @@ mod tests {
             key: KeySource::Read(KeySpec::Passphrase {
                 hash: "sha256".parse().unwrap(),
             }),
+            ephemeral: false,
             layout: SectorLayout::default(),
             offset: 0,
             size: None,

@@ -187,6 +187,7 @@ mod tests {
                 "ublk-crypt-status.8",
                 "ublk-crypt-recover.8",
                 "ublk-crypt-upgrade.8",
+                "ublk-crypt-mkswap.8",
                 "ublk-crypt-benchmark.8",
             ]
         );

@@ -95,6 +95,13 @@ impl KeySpec {
         })
     }
 
+    /// A fresh random key (`--key-file /dev/urandom` or `/dev/random`): what is written with it
+    /// cannot be read after the device is closed, so formatting it (mkswap) destroys nothing.
+    pub fn is_ephemeral(&self) -> bool {
+        matches!(self, KeySpec::File { path, .. }
+            if path.as_os_str() == "/dev/urandom" || path.as_os_str() == "/dev/random")
+    }
+
     /// Reads the key. `prompt_for` names the device in the terminal prompt.
     pub fn read(&self, key_bytes: usize, prompt_for: &str) -> Result<Key> {
         match self {

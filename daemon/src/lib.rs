@@ -19,6 +19,7 @@ pub mod keeper;
 pub mod kernel_log;
 pub mod key_source;
 pub mod keyring;
+pub mod mkswap;
 pub mod offload;
 pub mod queue;
 pub mod queue_crypto;

@@ -53,6 +53,11 @@ pub struct DeviceRecord {
     pub standby: bool,
     /// Whether the OOM protections are on (off only in tests).
     pub protections: bool,
+    /// Whether the key is a fresh random one (`--key-file /dev/urandom`), which nobody can use
+    /// after the device is closed: the only kind `ublk-crypt mkswap` formats.
+    /// (Named without "key": a record never names key material, and a test checks it.)
+    #[serde(default)]
+    pub ephemeral: bool,
     /// Pid of the serving daemon.
     pub pid: u32,
 }
@@ -213,6 +218,7 @@ mod tests {
             pin_queues: false,
             standby: true,
             protections: true,
+            ephemeral: true,
             pid: 1,
         };
         save(&rec).unwrap();
