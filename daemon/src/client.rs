@@ -35,6 +35,12 @@ pub fn close(device: &str) -> Result<ExitCode> {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+            // And until the daemon has exited (its standby is gone before it): the backing is
+            // free for `mount`, `cryptsetup open` or `dmsetup remove` when `close` returns.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while records::pid_alive(st.pid as u32) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         Ok(_) => {
             // The daemon is gone (crashed) and the device waits for recovery with every page

@@ -52,12 +52,12 @@ pub fn mkswap(device: &str, label: Option<&str>) -> Result<ExitCode> {
     let start = read_start(&backing, rec.offset * 512)?;
     if let Some(sig) = signature(&start) {
         bail!(
-            "{name}: refusing to mkswap: backing {backing} holds a {sig} signature (is the configured backing the right disk?)"
+            "{name}: refusing to mkswap: backing {backing} holds a signature: {sig} (is the configured backing the right disk?)"
         );
     }
     let start = read_start(&dev, 0)?;
     if let Some(sig) = signature(&start) {
-        bail!("{name}: refusing to mkswap: {dev} holds a {sig} signature");
+        bail!("{name}: refusing to mkswap: {dev} holds a signature: {sig}");
     }
     let label = label.map_or_else(|| format!("ublk-crypt-{name}"), str::to_string);
     let program = ["/usr/sbin/mkswap", "/sbin/mkswap"]

@@ -835,6 +835,94 @@ fn a_slow_discard_does_not_stall_the_queue() {
     assert!(out.console.contains("discard checks done"));
 }
 
+/// `ublk-crypt mkswap` formats only what destroys nothing (issue 18 item 5): it formats a device
+/// with an ephemeral key (swapon then works) and formats it again (its own old swap signature);
+/// it refuses, with one line and a non-zero exit, a device with a persistent key, a name that is
+/// not served (a second config with the same ID, whose daemon failed), a device whose daemon
+/// died, and a backing that holds an ext4 file system, which is intact afterwards. Before, the
+/// swap unit ran `mkswap /dev/ublkb${ID}` after a shell check of the config's OPTIONS.
+#[test]
+fn mkswap_formats_only_what_destroys_nothing() {
+    if !vm_or_skip("mkswap_formats_only_what_destroys_nothing") {
+        return;
+    }
+    let out = vm()
+        .memory_mib(512)
+        .disk_mib(64)
+        .host_tool("mkswap")
+        .host_tool("swapon")
+        .host_tool("swapoff")
+        .host_tool("losetup")
+        .host_tool("mkfs.ext4")
+        .module("loop")
+        .timeout(Duration::from_secs(300))
+        .run(
+            r#"
+            refused() {  # NAME CASE: mkswap must fail with one line
+                if ublk-crypt mkswap $1 > /tmp/out 2> /tmp/err; then
+                    echo "mkswap $1 ($2) was not refused"; exit 1
+                fi
+                echo "refused-$2: $(wc -l < /tmp/err) line(s): $(cat /tmp/err)"
+            }
+            ublk-crypt open /dev/vda --key-file /dev/urandom --id 0 --name sw > /dev/null
+            ublk-crypt mkswap sw > /tmp/out
+            grep -q "LABEL=ublk-crypt-sw" /tmp/out && echo "formatted-with-label"
+            /usr/sbin/mkswap --version > /dev/null
+            ublk-crypt mkswap sw --label again > /dev/null && echo "formatted-again"
+            /usr/sbin/swapon /dev/ublkb0 && echo "swapon-ok"
+            /usr/sbin/swapoff /dev/ublkb0
+            # Another config asking for the same id: its daemon fails, its name is not served.
+            ublk-crypt open /dev/vda --key-file /dev/urandom --id 0 --name dup 2>/dev/null && exit 1
+            refused dup not-served
+            ublk-crypt close sw
+            # A persistent key.
+            ublk-crypt open /dev/vda --key-file /root/key --name data > /dev/null
+            refused data persistent
+            ublk-crypt close data
+            # A dead daemon.
+            ublk-crypt open /dev/vda --key-file /dev/urandom --name dead --no-standby > /dev/null
+            kill -9 $(pidof ublk-crypt)
+            until ublk-crypt list | grep -q 'no daemon'; do sleep 0.1; done
+            refused dead dead-daemon
+            ublk-crypt recover dead
+            ublk-crypt close dead
+            # A backing with a file system: the config names the wrong disk.
+            truncate -s 32M /tmp/fsdisk
+            L=$(/usr/sbin/losetup -f --show /tmp/fsdisk)
+            /usr/sbin/mkfs.ext4 -q -F $L
+            ublk-crypt open $L --key-file /dev/urandom --name wrong > /dev/null
+            refused wrong ext4-backing
+            ublk-crypt close wrong
+            mkdir -p /mnt/fs && mount -t ext4 $L /mnt/fs && echo "ext4-intact" && umount /mnt/fs
+            echo "mkswap checks done"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = &out.console;
+    for ok in [
+        "formatted-with-label",
+        "formatted-again",
+        "swapon-ok",
+        "ext4-intact",
+    ] {
+        assert!(c.contains(ok), "{ok}");
+    }
+    for (case, why) in [
+        ("not-served", "no ublk-crypt device named 'dup'"),
+        ("persistent", "persistent key"),
+        ("dead-daemon", "not served by dead's daemon"),
+        ("ext4-backing", "holds a signature: ext2/ext3/ext4"),
+    ] {
+        let line = c
+            .lines()
+            .find(|l| l.contains(&format!("refused-{case}:")))
+            .unwrap_or_else(|| panic!("no refusal for {case}"));
+        assert!(line.contains(": 1 line(s): ublk-crypt: "), "{line}");
+        assert!(line.contains(why), "{case}: {line}");
+    }
+    assert!(c.contains("mkswap checks done"));
+}
+
 /// The daemon itself refuses `close` of a device that is in use, even when asked straight
 /// through its socket (a client that skipped the check, or a swapon racing it); `close` of a
 /// device whose daemon died refuses while it is in use, keeps device and key, and says how to
