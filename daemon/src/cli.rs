@@ -145,7 +145,8 @@ pub struct OpenArgs {
     #[arg(long, default_value_t = 0)]
     pub keyfile_offset: u64,
 
-    /// Bytes to read from the key file (default: the key size).
+    /// With --key-file -: the most bytes read from standard input. With a key file it is
+    /// ignored, as by cryptsetup plain (the key size is read).
     #[arg(long, short = 'l')]
     pub keyfile_size: Option<usize>,
 

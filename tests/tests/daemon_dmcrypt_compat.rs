@@ -165,3 +165,93 @@ fn backings_with_4096_byte_blocks_serve_any_sector_size_like_dm_crypt() {
     assert_eq!(passed, 3, "both directions on the 4Kn device");
     assert!(out.console.contains("4k checks passed"));
 }
+
+/// Key files exactly as `cryptsetup open --type plain` reads them (issue 18 item 6): for each
+/// option set, cryptsetup opens the device and writes through dm-crypt, then ublk-crypt opens it
+/// with the same options and must read the same bytes; where cryptsetup refuses, ublk-crypt must
+/// refuse too. The matrix: key file longer and shorter than the key, `-l` smaller than, equal to
+/// and larger than the key size (and than the file), offsets, `--hash` given or not (ignored with
+/// a key file), `-d -` (all of stdin, hashed), 256- and 512-bit keys.
+#[test]
+fn key_files_give_cryptsetups_key() {
+    if !vm_or_skip("key file matrix") {
+        return;
+    }
+    let mut script = String::from(
+        r#"
+        N=0
+        head -c 20 /root/key > /root/k20
+        mtx() {  # BITS OPTIONS...   (standard input: /root/key, for -d -)
+            bits=$1; shift
+            N=$((N + 1))
+            what="-s $bits $*"
+            dd if=/dev/urandom of=/tmp/a bs=64k count=4 2>/dev/null
+            if cryptsetup open -q --type plain -c aes-xts-plain64 -s $bits "$@" /dev/vda dm < /root/key 2> /tmp/cs.err; then
+                dd if=/tmp/a of=/dev/mapper/dm bs=64k oflag=direct 2>/dev/null
+                cryptsetup close dm
+                if dev=$(ublk-crypt open /dev/vda -c aes-xts-plain64 -s $bits "$@" --name m < /root/key 2> /tmp/u.err); then
+                    dd if=$dev of=/tmp/b bs=64k count=4 iflag=direct 2>/dev/null
+                    ublk-crypt close m
+                    if cmp -s /tmp/a /tmp/b; then echo "same-key $N: $what"; else echo "DIFFERENT $N: $what"; fi
+                else
+                    echo "DIFFERENT $N: $what: only ublk-crypt refuses: $(cat /tmp/u.err)"
+                fi
+            elif dev=$(ublk-crypt open /dev/vda -c aes-xts-plain64 -s $bits "$@" --name m < /root/key 2> /tmp/u.err); then
+                ublk-crypt close m
+                echo "DIFFERENT $N: $what: only cryptsetup refuses: $(head -1 /tmp/cs.err)"
+            else
+                echo "both-refuse $N: $what: cryptsetup: $(head -1 /tmp/cs.err) / ublk-crypt: $(cat /tmp/u.err)"
+            fi
+        }
+        "#,
+    );
+    let mut expected = 0;
+    for bits in [256, 512] {
+        for opts in [
+            "-d /root/key",
+            "-d /root/key -l 16",
+            "-d /root/key -l 32",
+            "-d /root/key -l 64",
+            "-d /root/key -l 80",
+            "-d /root/key -l 300",
+            "-d /root/key --keyfile-offset 10",
+            "-d /root/key --keyfile-offset 10 -l 16",
+            "-d /root/key --keyfile-offset 250",
+            "-d /root/k20",
+            "-d /root/k20 -l 20",
+            "-d /root/key -l 16 --hash sha256",
+            "-d /root/key --hash sha256",
+            "-d - --hash sha256",
+            "-d - -l 16 --hash sha256",
+            "-d - --keyfile-offset 4 --hash sha512",
+            "-d - -l 16",
+        ] {
+            script += &format!("mtx {bits} {opts}\n");
+            expected += 1;
+        }
+    }
+    script += "echo \"matrix of $N done\"\n";
+    let key: Vec<u8> = (0..256u32).map(|i| (i * 89 + 17) as u8).collect();
+    let out = Vm::builder()
+        .memory_mib(512)
+        .disk_mib(32)
+        .binary(ublk_crypt_tests::release_binary("ublk-crypt"))
+        .host_tool("cryptsetup")
+        .file("/root/key", key)
+        .timeout(Duration::from_secs(600))
+        .run(&script)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let different: Vec<&str> = out
+        .console
+        .lines()
+        .filter(|l| l.contains("DIFFERENT "))
+        .collect();
+    assert!(different.is_empty(), "{different:#?}");
+    let agreed = out
+        .console
+        .lines()
+        .filter(|l| l.contains("same-key ") || l.contains("both-refuse "))
+        .count();
+    assert_eq!(agreed, expected);
+    assert!(out.console.contains(&format!("matrix of {expected} done")));
+}
