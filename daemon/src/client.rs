@@ -223,6 +223,21 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
             q.queue, q.io.reads, q.io.bytes_read, q.io.writes, q.io.bytes_written, q.io.flushes,
             q.io.discards, q.io.errors, q.io.split_ios, q.pool_waits
         );
+        let per = |ns: u64, n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                ns as f64 / n as f64 / 1000.0
+            }
+        };
+        let all = q.io.reads + q.io.writes + q.io.flushes + q.io.discards + q.io.errors;
+        println!(
+            "  queue {}:     in the daemon: {:.0} us per read, {:.0} us per write; depth seen {:.1}",
+            q.queue,
+            per(q.io.read_service_ns, q.io.reads),
+            per(q.io.write_service_ns, q.io.writes),
+            if all == 0 { 0.0 } else { q.io.depth_sum as f64 / all as f64 }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

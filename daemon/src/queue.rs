@@ -133,12 +133,23 @@ async fn serve_tag(
             start_sector: iod.start_sector,
             nr_sectors: iod.nr_sectors,
         };
+        let fetched_at = std::time::Instant::now();
+        QueueCounters::add(
+            &io.counters.depth_sum,
+            u64::from(crypto.in_flight.get()) + 1,
+        );
         command = Some(
             crypto
                 .in_flight
                 .serving(io.handle(&desc, &req, backing, &crypto))
                 .await,
         );
+        let held = fetched_at.elapsed().as_nanos() as u64;
+        match desc.op {
+            crate::io::op::READ => QueueCounters::add(&io.counters.read_service_ns, held),
+            crate::io::op::WRITE => QueueCounters::add(&io.counters.write_service_ns, held),
+            _ => {}
+        }
     }
 }
 

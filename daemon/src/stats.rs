@@ -23,6 +23,14 @@ pub struct QueueCounters {
     /// ECANCELED): such an error never becomes the IO's result unless it persists
     /// (`io::TRANSIENT_RETRIES`).
     pub backing_retries: AtomicU64,
+    /// Time the daemon held reads / writes, from the fetch's completion to the commit's
+    /// submission (ns): next to the device's own read/write ticks in `/sys/block/ublkbN/stat`,
+    /// the split between the daemon and the kernel (issue 19).
+    pub read_service_ns: AtomicU64,
+    pub write_service_ns: AtomicU64,
+    /// Requests in flight in this queue when a request was fetched (itself included), summed:
+    /// divided by reads + writes + ..., the queue depth the daemon saw.
+    pub depth_sum: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -39,6 +47,12 @@ pub struct QueueSnapshot {
     pub command_retries: u64,
     #[serde(default)]
     pub backing_retries: u64,
+    #[serde(default)]
+    pub read_service_ns: u64,
+    #[serde(default)]
+    pub write_service_ns: u64,
+    #[serde(default)]
+    pub depth_sum: u64,
 }
 
 impl QueueCounters {
@@ -59,6 +73,9 @@ impl QueueCounters {
             split_ios: self.split_ios.load(Relaxed),
             command_retries: self.command_retries.load(Relaxed),
             backing_retries: self.backing_retries.load(Relaxed),
+            read_service_ns: self.read_service_ns.load(Relaxed),
+            write_service_ns: self.write_service_ns.load(Relaxed),
+            depth_sum: self.depth_sum.load(Relaxed),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! each page is pseudo-random (per page and per generation), so pages are incompressible,
 //! distinct, and never the zero pages Linux 6.12 keeps out of swap. Then, pass after pass, it
 //! re-reads every page in an order that defeats LRU (sequential over more than RAM, a random
-//! permutation, a stride, reversed), checks its stamp and re-stamps it with the next
+//! permutation, a stride, scattered 1 MiB apart, reversed), checks its stamp and re-stamps it with the next
 //! generation, so every pass forces swap-in and swap-out of most pages. The last pass only
 //! verifies. A stale page (lost write), a misplaced page (wrong index or address), a zeroed
 //! page or a flipped bit are all "bad"; any bad page makes the exit status 1.
@@ -152,6 +152,10 @@ enum Order {
     Seq,
     Rev,
     Stride,
+    /// Page `k * 257 mod N`: neighbours 1 MiB + 4 KiB apart, so the pages that swap readahead
+    /// reads around each fault (VMA readahead: the faulting address's neighbours) sit in swap
+    /// slots written at other times: many small scattered reads per fault (issue 19).
+    Scatter,
     Random,
 }
 
@@ -161,6 +165,7 @@ impl Order {
             Order::Seq => "seq",
             Order::Rev => "rev",
             Order::Stride => "stride",
+            Order::Scatter => "scatter",
             Order::Random => "random",
         }
     }
@@ -168,7 +173,7 @@ impl Order {
 
 const USAGE: &str =
     "usage: page-hog [--name NAME] [--mib N | --oom [--oom-extra-mib N]] [--passes N]
-                [--order seq,random,stride,rev] [--seed N] [--oom-score-adj N]
+                [--order seq,random,stride,scatter,rev] [--seed N] [--oom-score-adj N]
                 [--heartbeat SECS] [--heartbeat-file PATH] [--mark PASS:PERCENT:PATH]...
                 [--wait-file PATH] [--thp]
        page-hog --emit N [--seed N]    (N stamped pages to stdout: a scanner's positive control)";
@@ -228,6 +233,7 @@ fn parse() -> Result<Opts, String> {
                         "seq" => Ok(Order::Seq),
                         "rev" => Ok(Order::Rev),
                         "stride" => Ok(Order::Stride),
+                        "scatter" => Ok(Order::Scatter),
                         "random" => Ok(Order::Random),
                         _ => Err(format!("unknown order {s}")),
                     })
@@ -382,6 +388,21 @@ impl Hog {
                     a
                 };
                 let mut s = (n / 7).max(1) | 1;
+                while gcd(s, n) != 1 {
+                    s += 2;
+                }
+                (0..n).map(|i| ((i * s) % n) as u32).collect()
+            }
+            Order::Scatter => {
+                // 257 is prime: coprime with n unless n is a multiple of it, then the next
+                // odd number that is coprime.
+                let gcd = |mut a: usize, mut b: usize| {
+                    while b != 0 {
+                        (a, b) = (b, a % b);
+                    }
+                    a
+                };
+                let mut s = 257;
                 while gcd(s, n) != 1 {
                     s += 2;
                 }

@@ -5,14 +5,19 @@
 //! ```text
 //! torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N]
 //!         [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args "FLAGS"]
+//!         [--orders ORDERS]
 //! ```
+//!
+//! `--orders scatter,seq` replaces the phases by one 2× RAM hog (no OOM hog) whose passes take
+//! those page orders (page-hog `--order`; the last pass verifies): a quick look at one kind
+//! of pass, e.g. the scattered swap-in of issue 19.
 //!
 //! Exit status 1 when a run on ublk-crypt or dm-crypt failed the torture's verdict; the
 //! unprotected run is reported, never judged (it is expected to be able to freeze).
 
 use std::process::ExitCode;
 
-use ublk_crypt_tests::torture::{Backend, Profile, Report, Torture};
+use ublk_crypt_tests::torture::{Backend, HogSpec, Phase, Profile, Report, Torture};
 
 fn main() -> ExitCode {
     let mut profile = Profile::Short;
@@ -23,6 +28,7 @@ fn main() -> ExitCode {
     let mut ramfs = false;
     let mut reserve = 0;
     let mut open_args = String::new();
+    let mut orders: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -32,6 +38,7 @@ fn main() -> ExitCode {
             "--reserve-mib" => reserve = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--open-args" => open_args = args.next().unwrap_or_default(),
+            "--orders" => orders = args.next(),
             "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--backends" => {
                 let v = args.next().unwrap_or_default();
@@ -49,7 +56,7 @@ fn main() -> ExitCode {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"]"
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"] [--orders ORDERS]"
                 );
                 return ExitCode::from(2);
             }
@@ -59,7 +66,13 @@ fn main() -> ExitCode {
     let mut failed = false;
     for round in 1..=rounds {
         for &b in &backends {
-            let phases = if crash && b.is_ublk() {
+            let phases = if let Some(o) = &orders {
+                let passes = o.split(',').count() as u32;
+                vec![Phase::Overcommit {
+                    hog: HogSpec::new("x2", 2, passes, o),
+                    oom: false,
+                }]
+            } else if crash && b.is_ublk() {
                 profile.crash_phases()
             } else {
                 profile.oom_phases()

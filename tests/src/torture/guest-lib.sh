@@ -27,7 +27,7 @@ start_watchdog() {
 }
 
 # The sampler: the machine's and the daemon's memory every SAMPLE_SECS (shell builtins reading
-# /proc, no fork), and every 4th time `status --json` (pool high water, waits, errors).
+# /proc and /sys, no fork), and every 4th time `status --json` (pool high water, waits, errors).
 sampler() {
     set +e
     n=0
@@ -47,6 +47,11 @@ sampler() {
             read a < /proc/$pid/oom_score_adj
             line="$line pid=$pid rss_kib=$r lck_kib=$l swap_kib=$w oom_adj=$a"
         fi
+        # The swap device's own counters (reads, ms reading, writes, ms writing, in flight):
+        # per pass, the kernel's time per request next to the daemon's (status --json).
+        if [ -n "$bdev" ] && read r1 _ _ r4 w1 _ _ w4 f _ < /sys/block/$bdev/stat; then
+            line="$line blk_reads=$r1 blk_read_ms=$r4 blk_writes=$w1 blk_write_ms=$w4 blk_inflight=$f"
+        fi
         echo "$line"
         n=$((n + 1))
         if [ -n "$pid" ] && [ $((n % 4)) = 0 ]; then
@@ -63,5 +68,6 @@ swap_on_and_sample() {
     swapon $dev
     ev "swap on $dev: $(grep -F "$(basename $(readlink -f $dev))" /proc/swaps | tr -s ' \t' ' ')"
     touch $T/sampling
+    bdev=$(basename $(readlink -f $dev))
     sampler &
 }
