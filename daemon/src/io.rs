@@ -372,10 +372,15 @@ impl IoPath<'_> {
     async fn read_all(&self, backing: &impl BackingIo, buf: &mut [u8], offset: u64) -> i32 {
         let (mut done, mut tries) = (0, 0);
         while done < buf.len() {
-            match backing
+            let started = Instant::now();
+            let r = backing
                 .read_at(&mut buf[done..], offset + done as u64)
-                .await
-            {
+                .await;
+            QueueCounters::add(
+                &self.counters.backing_read_ns,
+                started.elapsed().as_nanos() as u64,
+            );
+            match r {
                 r if is_transient(r) && tries < TRANSIENT_RETRIES => {
                     tries += 1;
                     QueueCounters::add(&self.counters.backing_retries, 1);

@@ -119,7 +119,9 @@ impl<W: WorkerWait> QueueCrypto<'_, W> {
         encrypt: bool,
     ) -> (Chunk<'static>, bool) {
         if let Some(workers) = self.workers {
-            if len < MIN_OFFLOAD_BYTES && self.in_flight.get() >= BATCH_MIN_IN_FLIGHT {
+            // Only writes are batched: a read has a task waiting for it (a swap-in, a fault),
+            // and parked behind the round's writes it would wait for their encryption too.
+            if encrypt && len < MIN_OFFLOAD_BYTES && self.in_flight.get() >= BATCH_MIN_IN_FLIGHT {
                 // Parked until the end of the round, then done by the queue thread or in a
                 // worker's batch.
                 return self

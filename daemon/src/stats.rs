@@ -31,6 +31,9 @@ pub struct QueueCounters {
     /// Requests in flight in this queue when a request was fetched (itself included), summed:
     /// divided by reads + writes + ..., the queue depth the daemon saw.
     pub depth_sum: AtomicU64,
+    /// Time reads spent waiting for the backing (submission to completion, ns): the part of
+    /// `read_service_ns` that is the disk's.
+    pub backing_read_ns: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -53,6 +56,8 @@ pub struct QueueSnapshot {
     pub write_service_ns: u64,
     #[serde(default)]
     pub depth_sum: u64,
+    #[serde(default)]
+    pub backing_read_ns: u64,
 }
 
 impl QueueCounters {
@@ -76,6 +81,7 @@ impl QueueCounters {
             read_service_ns: self.read_service_ns.load(Relaxed),
             write_service_ns: self.write_service_ns.load(Relaxed),
             depth_sum: self.depth_sum.load(Relaxed),
+            backing_read_ns: self.backing_read_ns.load(Relaxed),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N]
 //!         [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args "FLAGS"]
-//!         [--orders ORDERS]
+//!         [--orders ORDERS] [--xts-tier portable|aesni|vaes-avx2|detected]
 //! ```
 //!
 //! `--orders scatter,seq` replaces the phases by one 2× RAM hog (no OOM hog) whose passes take
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
     let mut reserve = 0;
     let mut open_args = String::new();
     let mut orders: Option<String> = None;
+    let mut xts_tier = "portable".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--open-args" => open_args = args.next().unwrap_or_default(),
             "--orders" => orders = args.next(),
+            "--xts-tier" => xts_tier = args.next().unwrap_or_default(),
             "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--backends" => {
                 let v = args.next().unwrap_or_default();
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"] [--orders ORDERS]"
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"] [--orders ORDERS] [--xts-tier T]"
                 );
                 return ExitCode::from(2);
             }
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
             t.ramfs_run_dir = ramfs;
             t.recover_reserve_mib = reserve;
             t.open_args = open_args.clone();
+            t.xts_tier = xts_tier.clone();
             let label = format!("{}#{round}", b.name());
             t.name = Some(format!("torture-{}-{round}", b.name()));
             eprintln!("torture: running {label} ({profile:?} profile, {cpus} vCPUs)");

@@ -52,6 +52,10 @@ sampler() {
         if [ -n "$bdev" ] && read r1 _ _ r4 w1 _ _ w4 f _ < /sys/block/$bdev/stat; then
             line="$line blk_reads=$r1 blk_read_ms=$r4 blk_writes=$w1 blk_write_ms=$w4 blk_inflight=$f"
         fi
+        # And the disk under it: reads and writes in flight there.
+        if read vr vw < /sys/block/vda/inflight; then
+            line="$line vda_inflight_r=$vr vda_inflight_w=$vw"
+        fi
         echo "$line"
         n=$((n + 1))
         if [ -n "$pid" ] && [ $((n % 4)) = 0 ]; then
@@ -69,5 +73,10 @@ swap_on_and_sample() {
     ev "swap on $dev: $(grep -F "$(basename $(readlink -f $dev))" /proc/swaps | tr -s ' \t' ' ')"
     touch $T/sampling
     bdev=$(basename $(readlink -f $dev))
+    # A device-mapper node made by cryptsetup is no symlink here: find it by its dm name.
+    for b in /sys/block/dm-*; do
+        [ "$(cat $b/dm/name 2>/dev/null)" = "$bdev" ] && bdev=${b##*/}
+    done
+    echo "vda: scheduler $(cat /sys/block/vda/queue/scheduler) wbt_lat_usec $(cat /sys/block/vda/queue/wbt_lat_usec 2>/dev/null) nr_requests $(cat /sys/block/vda/queue/nr_requests) mq $(ls /sys/block/vda/mq | wc -l)"
     sampler &
 }

@@ -32,6 +32,10 @@ impl Torture {
                 if self.ramfs_run_dir {
                     s += "for d in /run/ublk-crypt /run/ublksrvd; do mkdir -p $d && mount -t ramfs -o mode=0700 ramfs $d; done\n";
                 }
+                if self.xts_tier != "detected" {
+                    // Inherited by the daemon, its standbys and recovered daemons.
+                    let _ = writeln!(s, "export UBLK_CRYPT_XTS_TIER={}", self.xts_tier);
+                }
                 let _ = write!(
                     s,
                     r#"
