@@ -171,6 +171,22 @@ impl Order {
     }
 }
 
+/// Page `i * s mod n` for i in 0..n, with `s` the first odd number from `start` coprime with n:
+/// every page once.
+fn coprime_stride(n: usize, start: usize) -> Vec<u32> {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let mut s = start;
+    while gcd(s, n) != 1 {
+        s += 2;
+    }
+    (0..n).map(|i| ((i * s) % n) as u32).collect()
+}
+
 const USAGE: &str =
     "usage: page-hog [--name NAME] [--mib N | --oom [--oom-extra-mib N]] [--passes N]
                 [--order seq,random,stride,scatter,rev] [--seed N] [--oom-score-adj N]
@@ -379,35 +395,10 @@ impl Hog {
         let v: Vec<u32> = match ord {
             Order::Seq => (0..n as u32).collect(),
             Order::Rev => (0..n as u32).rev().collect(),
-            Order::Stride => {
-                // A stride about n/7 and coprime with n visits every page once.
-                let gcd = |mut a: usize, mut b: usize| {
-                    while b != 0 {
-                        (a, b) = (b, a % b);
-                    }
-                    a
-                };
-                let mut s = (n / 7).max(1) | 1;
-                while gcd(s, n) != 1 {
-                    s += 2;
-                }
-                (0..n).map(|i| ((i * s) % n) as u32).collect()
-            }
-            Order::Scatter => {
-                // 257 is prime: coprime with n unless n is a multiple of it, then the next
-                // odd number that is coprime.
-                let gcd = |mut a: usize, mut b: usize| {
-                    while b != 0 {
-                        (a, b) = (b, a % b);
-                    }
-                    a
-                };
-                let mut s = 257;
-                while gcd(s, n) != 1 {
-                    s += 2;
-                }
-                (0..n).map(|i| ((i * s) % n) as u32).collect()
-            }
+            // A stride about n/7 and coprime with n visits every page once.
+            Order::Stride => coprime_stride(n, (n / 7).max(1) | 1),
+            // 257 is prime: coprime with n unless n is a multiple of it.
+            Order::Scatter => coprime_stride(n, 257),
             Order::Random => {
                 let mut v: Vec<u32> = (0..n as u32).collect();
                 let mut x = mix(self.o.seed ^ pass as u64) | 1;
