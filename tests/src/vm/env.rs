@@ -1,5 +1,5 @@
 //! Provisioning what a VM needs from the host: qemu, a static busybox, `mke2fs`, and
-//! Debian's kernel with its modules (downloaded on first use into `target/vm-cache/`).
+//! Debian's kernel with its modules (`kernel.rs`: downloaded on first use into `target/vm-cache/`).
 //!
 //! Also the one place that decides what a test does when that cannot be provisioned
 //! ([`vm_or_skip`]): fail in CI, skip loudly elsewhere.
@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The kernel meta package the harness boots. Debian's cloud flavour: small, has ublk,
-/// dm-crypt, virtio and ext4 (built in), and boots fast under TCG.
-pub const KERNEL_META_PACKAGE: &str = "linux-image-6.12-cloud-amd64";
+use super::kernel::{self, KernelChoice};
 
 /// Everything on the host a VM boot needs, found or fetched once per process.
 #[derive(Debug, Clone)]
@@ -28,6 +26,8 @@ pub struct VmEnv {
     pub modules_dir: PathBuf,
     /// The kernel release string (`6.12.117+deb12-cloud-amd64`).
     pub release: String,
+    /// Which kernel that is (`UBLK_CRYPT_VM_KERNEL`).
+    pub choice: KernelChoice,
     /// `target/vm-cache`: downloads, decompressed modules, `/usr` images, lock files.
     pub cache: PathBuf,
 }
@@ -108,11 +108,17 @@ fn provision() -> Result<VmEnv, String> {
     }
     let mke2fs = find_program("mke2fs")
         .ok_or("mke2fs not found (scripts/install-deps installs e2fsprogs)")?;
+    let choice = KernelChoice::from_env()?;
     let kernel_root = match std::env::var_os("UBLK_CRYPT_VM_KERNEL_DIR") {
         Some(d) => PathBuf::from(d),
-        None => fetch_kernel(&cache)?,
+        None => kernel::fetch(&cache, choice)?,
     };
-    let (kernel, modules_dir, release) = locate_kernel(&kernel_root)?;
+    let (kernel, modules_dir, release) = kernel::locate(&kernel_root)?;
+    kernel::loud(&format!(
+        "vm: kernel {release} ({}: UBLK_CRYPT_VM_KERNEL={})",
+        choice.meta_package(),
+        choice.name()
+    ));
     Ok(VmEnv {
         qemu,
         busybox,
@@ -120,6 +126,7 @@ fn provision() -> Result<VmEnv, String> {
         kernel,
         modules_dir,
         release,
+        choice,
         cache,
     })
 }
@@ -167,107 +174,10 @@ fn is_static(path: &Path) -> bool {
     })
 }
 
-/// Downloads and unpacks the kernel package once into `<cache>/kernel/<package>/`.
-///
-/// The package name is resolved from [`KERNEL_META_PACKAGE`] the first time and recorded in
-/// `<cache>/kernel/current`, so later runs neither touch the network nor silently move to a
-/// newer kernel; delete `target/vm-cache/kernel` to move to whatever Debian ships now.
-/// Serialized across processes by a lock file; idempotent (a `.complete` stamp is written
-/// last, so an interrupted fetch is redone).
-fn fetch_kernel(cache: &Path) -> Result<PathBuf, String> {
-    let kdir = cache.join("kernel");
-    fs::create_dir_all(&kdir).map_err(|e| format!("creating {}: {e}", kdir.display()))?;
-    let _lock = lock_file(&cache.join("fetch.lock"))?;
-    let current = kdir.join("current");
-    if let Ok(pkg) = fs::read_to_string(&current) {
-        let dir = kdir.join(pkg.trim());
-        if dir.join(".complete").exists() {
-            return Ok(dir);
-        }
-    }
-    let pkg = resolve_kernel_package()?;
-    let dir = kdir.join(&pkg);
-    if !dir.join(".complete").exists() {
-        eprintln!("vm: fetching kernel package {pkg} into {}", dir.display());
-        let dl = kdir.join("download.tmp");
-        let _ = fs::remove_dir_all(&dl);
-        fs::create_dir_all(&dl).map_err(|e| format!("creating {}: {e}", dl.display()))?;
-        run_checked(
-            Command::new("apt-get")
-                .arg("download")
-                .arg(&pkg)
-                .current_dir(&dl),
-        )?;
-        let deb = fs::read_dir(&dl)
-            .map_err(|e| e.to_string())?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| format!("apt-get download {pkg} left no .deb in {}", dl.display()))?;
-        let tmp = kdir.join(format!("{pkg}.tmp"));
-        let _ = fs::remove_dir_all(&tmp);
-        run_checked(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
-        let _ = fs::remove_dir_all(&dir);
-        fs::rename(&tmp, &dir).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
-        locate_kernel(&dir)?; // check before declaring it complete
-        fs::write(dir.join(".complete"), b"").map_err(|e| e.to_string())?;
-        let _ = fs::remove_dir_all(&dl);
-    }
-    fs::write(&current, &pkg).map_err(|e| format!("writing {}: {e}", current.display()))?;
-    Ok(dir)
-}
-
-/// `apt-cache depends linux-image-6.12-cloud-amd64` → `linux-image-6.12.X+debNN-cloud-amd64`.
-/// With empty package lists (a fresh container) runs `apt-get update` once when root.
-fn resolve_kernel_package() -> Result<String, String> {
-    let query = || -> Result<Option<String>, String> {
-        let out = Command::new("apt-cache")
-            .args(["depends", KERNEL_META_PACKAGE])
-            .output()
-            .map_err(|e| format!("running apt-cache (is this a Debian host?): {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text.lines().find_map(|l| {
-            let dep = l.trim().strip_prefix("Depends:")?.trim();
-            dep.starts_with("linux-image-").then(|| dep.to_string())
-        }))
-    };
-    if let Some(p) = query()? {
-        return Ok(p);
-    }
-    if is_root() {
-        eprintln!("vm: {KERNEL_META_PACKAGE} unknown to apt; running apt-get update");
-        run_checked(Command::new("apt-get").args(["update", "-q"]))?;
-        if let Some(p) = query()? {
-            return Ok(p);
-        }
-    }
-    Err(format!(
-        "apt-cache does not know {KERNEL_META_PACKAGE}; run `apt-get update` (as root), or set \
-         UBLK_CRYPT_VM_KERNEL_DIR to a directory holding boot/vmlinuz-* and lib/modules/<release>"
-    ))
-}
-
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // Without libc: the owner of /proc/self is the process's effective uid.
     use std::os::unix::fs::MetadataExt;
     fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// Finds `boot/vmlinuz-<release>` and `lib/modules/<release>` under an unpacked kernel package.
-fn locate_kernel(root: &Path) -> Result<(PathBuf, PathBuf, String), String> {
-    let boot = root.join("boot");
-    let entries =
-        fs::read_dir(&boot).map_err(|e| format!("no kernel in {}: {e}", boot.display()))?;
-    for e in entries.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(release) = name.strip_prefix("vmlinuz-") {
-            let modules = root.join("lib/modules").join(release);
-            if !modules.is_dir() {
-                return Err(format!("kernel {release} has no {}", modules.display()));
-            }
-            return Ok((e.path(), modules, release.to_string()));
-        }
-    }
-    Err(format!("no vmlinuz-* in {}", boot.display()))
 }
 
 pub(crate) fn run_checked(cmd: &mut Command) -> Result<std::process::Output, String> {

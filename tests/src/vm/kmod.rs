@@ -42,7 +42,7 @@ pub fn resolve(env: &VmEnv, wanted: &[String]) -> Result<Vec<Module>, String> {
     let mut order = vec![];
     let mut seen = HashSet::new();
     for w in wanted {
-        if !index.contains_key(&norm(w)) && !builtin.contains(&norm(w)) {
+        if !index.contains_key(&norm(w)) && !builtin.is_builtin(&norm(w)) {
             return Err(format!(
                 "kernel {} has no module {w} (neither a .ko nor built in)",
                 env.release
@@ -56,7 +56,7 @@ pub fn resolve(env: &VmEnv, wanted: &[String]) -> Result<Vec<Module>, String> {
 fn visit(
     name: &str,
     index: &BTreeMap<String, PathBuf>,
-    builtin: &HashSet<String>,
+    builtin: &Builtin,
     kodir: &Path,
     seen: &mut HashSet<String>,
     order: &mut Vec<Module>,
@@ -77,7 +77,7 @@ fn visit(
     let data = fs::read(&ko).map_err(|e| format!("reading {}: {e}", ko.display()))?;
     let (deps, pre) = modinfo_deps(&data);
     for d in deps.iter() {
-        if !index.contains_key(&norm(d)) && !builtin.contains(&norm(d)) {
+        if !index.contains_key(&norm(d)) && !builtin.is_builtin(&norm(d)) {
             return Err(format!(
                 "module {name} depends on {d}, which this kernel lacks"
             ));
@@ -120,13 +120,29 @@ fn index(modules_dir: &Path) -> Result<BTreeMap<String, PathBuf>, String> {
     Ok(out)
 }
 
-fn builtin(modules_dir: &Path) -> HashSet<String> {
-    fs::read_to_string(modules_dir.join("modules.builtin"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.rsplit('/').next())
-        .map(|n| norm(n.trim_end_matches(".ko")))
-        .collect()
+/// The kernel's built-in modules, from `modules.builtin`.
+struct Builtin(Option<HashSet<String>>);
+
+impl Builtin {
+    /// Without `modules.builtin` (the split packages of newer Debian kernels ship none: depmod
+    /// writes it at install), a module that is not a `.ko` is taken as built in: `xts` is, since
+    /// 7.x. The 6.12 run, which has the list, still catches a misspelt name.
+    fn is_builtin(&self, name: &str) -> bool {
+        self.0.as_ref().is_none_or(|set| set.contains(name))
+    }
+}
+
+fn builtin(modules_dir: &Path) -> Builtin {
+    Builtin(
+        fs::read_to_string(modules_dir.join("modules.builtin"))
+            .ok()
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| l.rsplit('/').next())
+                    .map(|n| norm(n.trim_end_matches(".ko")))
+                    .collect()
+            }),
+    )
 }
 
 /// `.ko.xz` → `<kodir>/<name>.ko` (once; written to a temporary name and renamed, so a

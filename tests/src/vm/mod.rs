@@ -33,11 +33,13 @@
 
 pub mod cpio;
 mod env;
+pub mod kernel;
 pub mod kmod;
 pub mod rootfs;
 mod sysroot;
 
-pub use env::{cache_dir, in_ci, vm_or_skip, VmEnv, KERNEL_META_PACKAGE};
+pub use env::{cache_dir, in_ci, vm_or_skip, VmEnv};
+pub use kernel::KernelChoice;
 
 mod builder;
 mod guest;

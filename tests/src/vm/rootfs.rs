@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::env::{find_program, lock_file, run_checked, VmEnv};
+use super::env::{find_program, is_root, lock_file, run_checked, VmEnv};
 
 /// Debian 12, the release the harness's kernel comes from.
 pub const SUITE: &str = "bookworm";
@@ -172,9 +172,4 @@ fn host_debian_sources() -> Result<Vec<PathBuf>, String> {
         ));
     }
     Ok(found)
-}
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
