@@ -181,6 +181,10 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
         d.cipher, d.key_bits, d.sector_size, d.offset, d.skip, s.aes_backend, s.xts_tier
     );
     println!("  size:        {} sectors", d.size / 512);
+    if let Some(f) = &s.ublk_features {
+        println!("  ublk:        uses {}", f.in_use.join(" "));
+        println!("               kernel offers {}", f.offered.join(" "));
+    }
     println!(
         "  daemon:      pid {}, RSS {} KiB, locked {} KiB, protections {}",
         d.pid,

@@ -46,6 +46,8 @@ pub struct DeviceContext {
     pub queue_tids: Vec<AtomicI32>,
     /// This device's standby process, and how this process came to serve the device.
     pub standby: StandbyState,
+    /// The ublk features the kernel offers and the device uses, set when it goes live.
+    pub ublk_features: std::sync::OnceLock<crate::ublk_features::UblkFeatures>,
 }
 
 /// The standby of a served device (`standby.rs`, `keeper.rs`), shared by the keeper thread that

@@ -70,6 +70,9 @@ pub struct Status {
     /// How this daemon took the device over from the previous one, if it did.
     #[serde(default)]
     pub last_takeover: Option<TakeoverStatus>,
+    /// The ublk features the kernel offers and this device uses (`None` before it is live).
+    #[serde(default)]
+    pub ublk_features: Option<crate::ublk_features::UblkFeatures>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,6 +157,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         xts_tier: ublk_crypt_crypto::xts_tier().to_string(),
         standby,
         last_takeover,
+        ublk_features: ctx.ublk_features.get().cloned(),
     }
 }
 

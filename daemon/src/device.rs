@@ -322,6 +322,7 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
             pool_fd,
             ..StandbyState::default()
         },
+        ublk_features: OnceLock::new(),
     }));
 
     if let Role::Standby {
@@ -444,6 +445,13 @@ fn went_live(
         ublk_crypt_crypto::aes_backend(),
         ublk_crypt_crypto::xts_tier()
     );
+    let features = ublk::features(c);
+    tracing::info!(
+        "ublk features: the kernel offers {}; this device uses {}",
+        features.offered.join(" "),
+        features.in_use.join(" ")
+    );
+    let _ = ctx.ublk_features.set(features);
     if let Some(e) = ublk_crypt_crypto::xts_tier_env_error() {
         tracing::warn!("{e}; using the detected tier");
     }

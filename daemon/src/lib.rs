@@ -29,3 +29,4 @@ pub mod records;
 pub mod standby;
 pub mod stats;
 pub mod ublk;
+pub mod ublk_features;

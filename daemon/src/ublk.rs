@@ -178,6 +178,14 @@ fn ctrl(id: i32, queues: u16, shape: &Shape, how: UblkFlags) -> Result<UblkCtrl,
         .build()
 }
 
+/// What the kernel offers and what this device was made with ([`UblkFeatures`]).
+pub fn features(c: &UblkCtrl) -> crate::ublk_features::UblkFeatures {
+    crate::ublk_features::UblkFeatures::new(
+        c.get_driver_features().unwrap_or(0),
+        c.dev_info().flags,
+    )
+}
+
 fn errno_str(r: i32) -> String {
     std::io::Error::from_raw_os_error(-r).to_string()
 }

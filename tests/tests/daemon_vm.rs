@@ -233,10 +233,10 @@ fn swap_on_the_device() {
 
 /// The first swap-out burst a fresh daemon meets, eight times over (open, mkswap, swapon, push
 /// ~150 MiB out, swapoff, close), with kprobes on the allocations io_uring makes behind a
-/// submission: per-op state (`io_alloc_async_data`), request structs
-/// (`__io_alloc_req_refill`), async poll entries (`io_arm_poll_handler`), punts to and
-/// creation of io-wq threads (`io_queue_iowq`, `create_io_worker`) and CQ overflow entries
-/// (`io_cqring_event_overflow`). During swap-out the daemon's threads must hit none of them; at
+/// submission: per-op state (`io_alloc_async_data` on 6.12, `io_cache_alloc_new` on 7.x),
+/// request structs (`__io_alloc_req_refill`), async poll entries (`io_arm_poll_handler`),
+/// punts to and creation of io-wq threads (`io_queue_iowq`, `create_io_worker`) and CQ overflow
+/// entries (`io_cqring_event_overflow` on 6.12, `io_alloc_ocqe` on 7.x). During swap-out the daemon's threads must hit none of them; at
 /// start-up they must hit some (`warm_queue_ring` allocating — the probes' positive control).
 ///
 /// The regression test of a freeze (~1 burst in 35 before the fix; 1 CI run of the OOM
@@ -257,11 +257,14 @@ fn swap_first_bursts_of_fresh_daemons() {
             r#"
             T=/sys/kernel/tracing
             mount -t tracefs tracefs $T
-            # io_alloc_async_data is required (the allocation that froze); the others are
-            # static functions a later 6.12 build might inline: used where they can be probed.
-            echo "p:p_io_alloc_async_data io_alloc_async_data" >> $T/kprobe_events
+            # The per-op state allocation (the one that froze) is required: 6.12's
+            # io_alloc_async_data, or on newer kernels (where io_uring_alloc_async_data is
+            # inline over the op caches) io_cache_alloc_new, a cache miss's kmalloc. The others
+            # are static functions a later build might inline: used where they can be probed.
+            echo "p:p_async_data io_alloc_async_data" >> $T/kprobe_events 2>/dev/null ||
+                echo "p:p_async_data io_cache_alloc_new" >> $T/kprobe_events
             for f in __io_alloc_req_refill io_arm_poll_handler io_queue_iowq create_io_worker \
-                     io_cqring_event_overflow; do
+                     io_cqring_event_overflow io_alloc_ocqe; do
                 echo "p:p_$f $f" >> $T/kprobe_events 2>/dev/null || echo "probe $f: not available"
             done
             echo "probes: $(sed 's/^p:[^ ]* //' $T/kprobe_events | awk '{print $1}' | tr '\n' ' ')"
@@ -325,7 +328,7 @@ fn swap_first_bursts_of_fresh_daemons() {
             "the daemon made io_uring allocate during swap-out: burst {b}"
         );
         assert!(
-            between(b, "start-up: [", "]").contains("p_io_alloc_async_data="),
+            between(b, "start-up: [", "]").contains("p_async_data="),
             "the probes saw the start-up warm-up (positive control): burst {b}"
         );
         assert!(b.contains("\"errors\":0"), "no IO errors in burst {b}");

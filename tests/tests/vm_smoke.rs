@@ -66,7 +66,13 @@ fi
     let env = VmEnv::get().unwrap();
     assert_eq!(out.section("release").unwrap().trim(), env.release);
     let modules = out.section("modules").unwrap();
-    let mut wanted = vec!["ublk_drv", "dm_crypt", "dm_mod", "aesni_intel", "virtio_blk"];
+    let mut wanted = vec![
+        "ublk_drv",
+        "dm_crypt",
+        "dm_mod",
+        "aesni_intel",
+        "virtio_blk",
+    ];
     if env.choice == KernelChoice::Debian12 {
         wanted.push("xts"); // built in since 7.x (the xts_driver check below covers both)
     }

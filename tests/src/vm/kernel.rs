@@ -158,7 +158,10 @@ pub fn locate(root: &Path) -> Result<(PathBuf, PathBuf, String), String> {
                         return Ok((e.path(), modules, release.to_string()));
                     }
                 }
-                return Err(format!("kernel {release} has no modules under {}", root.display()));
+                return Err(format!(
+                    "kernel {release} has no modules under {}",
+                    root.display()
+                ));
             }
         }
     }
@@ -336,7 +339,9 @@ mod tests {
     fn kernel_choices_parse() {
         assert_eq!(KernelChoice::parse("6.12"), Ok(KernelChoice::Debian12));
         assert_eq!(KernelChoice::parse("newest"), Ok(KernelChoice::Newest));
-        assert!(KernelChoice::parse("7.1").unwrap_err().contains("6.12 or newest"));
+        assert!(KernelChoice::parse("7.1")
+            .unwrap_err()
+            .contains("6.12 or newest"));
     }
 
     #[test]
@@ -348,7 +353,9 @@ mod tests {
         fs::write(old.join("boot/vmlinuz-6.12.1-cloud"), b"k").unwrap();
         let (k, m, r) = locate(&old).unwrap();
         assert_eq!(r, "6.12.1-cloud");
-        assert!(k.ends_with("boot/vmlinuz-6.12.1-cloud") && m.ends_with("lib/modules/6.12.1-cloud"));
+        assert!(
+            k.ends_with("boot/vmlinuz-6.12.1-cloud") && m.ends_with("lib/modules/6.12.1-cloud")
+        );
         let new = base.join("new");
         fs::create_dir_all(new.join("usr/lib/modules/7.2.1-cloud/kernel")).unwrap();
         fs::write(new.join("usr/lib/modules/7.2.1-cloud/vmlinuz"), b"k").unwrap();
