@@ -94,6 +94,19 @@ fn one_mib_write_then_read_through_a_two_chunk_pool() {
             1 << 20
         );
 
+        // The write overlapped its pieces: piece k+1 encrypted in the spare chunk (taken with
+        // try_acquire, never waited for) while piece k was written.
+        assert_eq!(
+            rig.pool.stats().high_water,
+            2,
+            "the write used the spare chunk"
+        );
+        assert_eq!(
+            rig.pool.stats().in_use,
+            0,
+            "every chunk returned after the write"
+        );
+
         // What landed on the backing, after the 8 KiB offset, is dm-crypt's ciphertext.
         let mut expect = plain.clone();
         rig.cipher.encrypt(2048, &mut expect).unwrap();
@@ -122,8 +135,8 @@ fn one_mib_write_then_read_through_a_two_chunk_pool() {
         assert_eq!((s.reads, s.writes, s.split_ios, s.errors), (1, 1, 2, 0));
         assert_eq!(s.bytes_written, 1 << 20);
         assert_eq!(rig.pool.stats().in_use, 0, "every chunk returned");
-        // Writes hold one chunk at a time; reads read ahead into a second one when
-        // try_acquire finds it free (never by waiting), so the pool's two chunks both serve.
+        // Reads read ahead into a second chunk when try_acquire finds it free (never by
+        // waiting), so the pool's two chunks both serve.
         assert_eq!(
             rig.pool.stats().high_water,
             2,
@@ -247,7 +260,26 @@ fn refusals_and_errors_have_the_right_errno() {
         -libc::EIO
     );
     assert_eq!(rig.pool.stats().in_use, 0, "a failed IO returns its chunk");
-    assert!(rig.counters.snapshot().errors >= 5);
+    // A write of four pieces whose backing fails while the next piece is being encrypted in
+    // the spare chunk: EIO, and both chunks come back.
+    let big = MemRequest(RefCell::new(vec![2; 256 << 10]));
+    let w4 = IoDesc {
+        nr_sectors: (256 << 10) >> 9,
+        ..w
+    };
+    assert_eq!(
+        block_on(
+            rig.path(0, false, false)
+                .handle(&w4, &big, &failing, &InlineCrypto(&rig.cipher))
+        ),
+        -libc::EIO
+    );
+    assert_eq!(
+        rig.pool.stats().in_use,
+        0,
+        "a failed pipelined write returns both chunks"
+    );
+    assert!(rig.counters.snapshot().errors >= 6);
 }
 
 /// Issue 18 item 7: a transient backing error (io_uring or the backing short of memory for a

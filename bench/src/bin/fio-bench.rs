@@ -3,8 +3,12 @@
 //! queues; the daemon's memory at idle and under load (default and --depth 128); and the
 //! crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
 //!
-//! `scripts/bench [--runtime SECS] [--xts-tier TIER|detected]` (builds the release binaries,
-//! then runs this; the daemon's XTS tier in the VM is `portable` unless told otherwise).
+//! `scripts/bench [--kernel 6.12|newest] [--runtime SECS] [--xts-tier TIER|detected]` (builds
+//! the release binaries, then runs this once per kernel: the kernel is the harness's
+//! `UBLK_CRYPT_VM_KERNEL`; the daemon's XTS tier in the VM is `portable` unless told otherwise).
+//! Each kernel's table goes to `bench/results/latest-<kernel>.{md,json}`; `latest.md` holds
+//! them all. dm-crypt runs twice per sector size: as `cryptsetup` sets it up, and with both
+//! no-workqueue flags (what users pick for NVMe), the two anchors of every ratio.
 //!
 //! Under TCG every absolute figure is slow and host-dependent; only ratios inside one run mean
 //! anything, which is why every device runs in the same boot, one after the other.
@@ -14,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use ublk_crypt_tests::vm::Vm;
+use ublk_crypt_tests::vm::{KernelChoice, Vm, VmEnv};
 use ublk_crypt_tests::{release_binary, workspace_root};
 
 struct Job {
@@ -22,7 +26,15 @@ struct Job {
     args: &'static str,
 }
 
-const JOBS: [Job; 6] = [
+const JOBS: [Job; 8] = [
+    Job {
+        name: "seq-write-1M-qd1",
+        args: "--rw=write --bs=1M --iodepth=1",
+    },
+    Job {
+        name: "seq-read-1M-qd1",
+        args: "--rw=read --bs=1M --iodepth=1",
+    },
     Job {
         name: "seq-write-1M-qd8",
         args: "--rw=write --bs=1M --iodepth=8",
@@ -49,12 +61,21 @@ const JOBS: [Job; 6] = [
     },
 ];
 
+/// dm-crypt as users tune it for fast disks: no kcryptd queueing of reads or writes (the AES
+/// runs in the submitter's or the completion's context).
+const NO_WORKQUEUE: &str = "--perf-no_read_workqueue --perf-no_write_workqueue";
+
 /// (label, guest commands that open it and set $dev, commands that close it)
-const DEVICES: [(&str, &str, &str); 6] = [
+const DEVICES: [(&str, &str, &str); 8] = [
     ("raw", "dev=/dev/vda", ":"),
     (
         "dm-crypt",
         "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
+        "cryptsetup close dm",
+    ),
+    (
+        "dm-crypt-nowq",
+        "cryptsetup open --type plain -c aes-xts-plain64 -s 512 $NOWQ --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
         "cryptsetup close dm",
     ),
     (
@@ -65,6 +86,11 @@ const DEVICES: [(&str, &str, &str); 6] = [
     (
         "dm-crypt-4k",
         "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size 4096 --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
+        "cryptsetup close dm",
+    ),
+    (
+        "dm-crypt-4k-nowq",
+        "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size 4096 $NOWQ --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
         "cryptsetup close dm",
     ),
     (
@@ -79,11 +105,22 @@ const DEVICES: [(&str, &str, &str); 6] = [
     ),
 ];
 
+/// The dm-crypt rows a device's ratios are taken against: default and no-workqueue, with the
+/// same sector size.
+fn anchors(label: &str) -> (&'static str, &'static str) {
+    if label.contains("-4k") {
+        ("dm-crypt-4k", "dm-crypt-4k-nowq")
+    } else {
+        ("dm-crypt", "dm-crypt-nowq")
+    }
+}
+
 fn guest_script(runtime: u64, xts_tier: &str) -> String {
     let mut s = match xts_tier {
         "detected" => String::new(),
         t => format!("export UBLK_CRYPT_XTS_TIER={t}\n"),
     };
+    let _ = writeln!(s, "NOWQ='{NO_WORKQUEUE}'");
     s += r#"
 mem() {  # LABEL: VmRSS and VmLck of the daemon (its record's pid: the standby is one too), KiB
     p=$(grep -o '"pid": *[0-9]*' /run/ublk-crypt/*.json | grep -o '[0-9]*$')
@@ -216,6 +253,9 @@ fn main() {
         .unwrap_or_default();
     let host_cpu = ublk_crypt_tests::host_cpu_model();
 
+    let kernel = VmEnv::get()
+        .map(|e| e.choice)
+        .unwrap_or(KernelChoice::Debian12);
     let mut results = serde_json::Map::new();
     let get = |label: &str, job: &str| {
         parse_fio(
@@ -223,21 +263,28 @@ fn main() {
                 .unwrap_or_default(),
         )
     };
-    let mut md = String::new();
-    let _ = writeln!(md, "# fio side by side (one TCG VM boot)\n");
-    let _ = writeln!(md, "Guest: {} · host CPU: {host_cpu} · {qemu} · 2 vCPUs, 1 GiB, virtio disks `cache=none`, `direct=1`, `ioengine=io_uring`, {runtime} s per job.\n", env.lines().next().unwrap_or("?"));
-    // ublk-crypt's AES backend, from its status.
-    let aes_ublk = out
+    // ublk-crypt's AES backend and the ublk features in use, from its status.
+    let status = out
         .section("status-ublk")
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| {
-            Some(format!(
-                "{}, XTS tier {}",
-                v["aes_backend"].as_str()?,
-                v["xts_tier"].as_str().unwrap_or("?")
-            ))
-        })
-        .unwrap_or_else(|| "?".into());
+        .unwrap_or_default();
+    let aes_ublk = format!(
+        "{}, XTS tier {}",
+        status["aes_backend"].as_str().unwrap_or("?"),
+        status["xts_tier"].as_str().unwrap_or("?")
+    );
+    let features = |k: &str| -> String {
+        status["ublk_features"][k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    let (in_use, offered) = (features("in_use"), features("offered"));
     let aes_kernel = out
         .section("aes-kernel")
         .unwrap_or_default()
@@ -248,54 +295,64 @@ fn main() {
         .unwrap_or_default()
         .trim()
         .to_string();
+    let release = env.lines().next().unwrap_or("?").to_string();
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Kernel {release} (`UBLK_CRYPT_VM_KERNEL={}`)\n",
+        kernel.name()
+    );
+    let _ = writeln!(md, "Host CPU: {host_cpu} · {qemu} · 2 vCPUs, 1 GiB, virtio disks `cache=none`, `direct=1`, `ioengine=io_uring`, {runtime} s per job.\n");
     let _ = writeln!(
         md,
         "AES: ublk-crypt `{aes_ublk}`, dm-crypt `{aes_kernel}` · guest CPU AES flags: {cpu_flags}\n"
     );
-    let _ = writeln!(md, "**Under TCG every figure is emulated and slow; only ratios inside one run mean anything.**\n");
     let _ = writeln!(
         md,
-        "| job | device | IOPS | MB/s | mean µs | p99 µs | vs dm-crypt |"
+        "ublk features in use: {in_use} (the kernel offers: {offered})\n"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
-    let mut table = String::new();
+    let _ = writeln!(
+        md,
+        "| job | device | IOPS | MB/s | mean µs | p99 µs | vs dm-crypt | vs no-wq |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut table = format!("kernel {release}\n");
     let _ = writeln!(
         table,
-        "{:<20} {:<14} {:>9} {:>8} {:>10} {:>10} {:>8}",
-        "job", "device", "IOPS", "MB/s", "mean us", "p99 us", "vs dm"
+        "{:<20} {:<17} {:>9} {:>8} {:>10} {:>10} {:>8} {:>8}",
+        "job", "device", "IOPS", "MB/s", "mean us", "p99 us", "vs dm", "vs nowq"
     );
     for job in &JOBS {
-        let base = get("dm-crypt", job.name);
-        let base4k = get("dm-crypt-4k", job.name);
         for (label, _, _) in DEVICES {
             let r = get(label, job.name);
-            let anchor = if label.ends_with("-4k") {
-                &base4k
-            } else {
-                &base
+            let (dm, nowq) = anchors(label);
+            let ratio = |anchor: &str| {
+                let a = get(anchor, job.name);
+                if a.iops > 0.0 {
+                    r.iops / a.iops
+                } else {
+                    0.0
+                }
             };
-            let ratio = if anchor.iops > 0.0 {
-                r.iops / anchor.iops
-            } else {
-                0.0
-            };
+            let (vs_dm, vs_nowq) = (ratio(dm), ratio(nowq));
             let _ = writeln!(
                 md,
-                "| {} | {label} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2}× |",
-                job.name, r.iops, r.mbps, r.mean_us, r.p99_us, ratio
+                "| {} | {label} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2}× | {:.2}× |",
+                job.name, r.iops, r.mbps, r.mean_us, r.p99_us, vs_dm, vs_nowq
             );
             let _ = writeln!(
                 table,
-                "{:<20} {:<14} {:>9.0} {:>8.1} {:>10.0} {:>10.0} {:>7.2}x",
-                job.name, label, r.iops, r.mbps, r.mean_us, r.p99_us, ratio
+                "{:<20} {:<17} {:>9.0} {:>8.1} {:>10.0} {:>10.0} {:>7.2}x {:>7.2}x",
+                job.name, label, r.iops, r.mbps, r.mean_us, r.p99_us, vs_dm, vs_nowq
             );
-            results.insert(format!("{label}/{}", job.name), json!({"iops": r.iops, "mb_s": r.mbps, "mean_us": r.mean_us, "p99_us": r.p99_us, "ratio_vs_dm_crypt": ratio}));
+            results.insert(format!("{label}/{}", job.name), json!({"iops": r.iops, "mb_s": r.mbps, "mean_us": r.mean_us, "p99_us": r.p99_us, "ratio_vs_dm_crypt": vs_dm, "ratio_vs_dm_crypt_nowq": vs_nowq}));
         }
     }
-    let _ = writeln!(md, "\nRatios of `-4k` rows are against dm-crypt with 4096-byte sectors; the others against dm-crypt with 512-byte sectors.\n");
+    let _ = writeln!(md, "\nRatios: against dm-crypt with the same sector size (512, or 4096 for `-4k` rows), in its default configuration and with `{NO_WORKQUEUE}` (`-nowq`).\n");
     let _ = writeln!(
         md,
-        "## ublk-crypt daemon memory (KiB)\n\n| configuration | RSS | VmLck |\n|---|---:|---:|"
+        "ublk-crypt daemon memory (KiB):\n\n| configuration | RSS | VmLck |\n|---|---:|---:|"
     );
     let mut mem = serde_json::Map::new();
     for key in [
@@ -327,20 +384,34 @@ fn main() {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_else(|| "(crypto-bench not built)".into());
-    let _ = writeln!(
-        md,
-        "\n## Crypto micro-benchmark (host, one core)\n\n{crypto}"
-    );
     print!("{table}\n{crypto}");
 
+    // One file per kernel; latest.md puts every kernel's table (6.12 first) over the crypto one.
     let dir = workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("latest.md"), &md).unwrap();
-    let report = json!({"env": env, "aes_ublk": aes_ublk, "aes_kernel": aes_kernel, "cpu_flags": cpu_flags, "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
+    let name = kernel.name();
+    std::fs::write(dir.join(format!("latest-{name}.md")), &md).unwrap();
+    let report = json!({"kernel": name, "env": env, "aes_ublk": aes_ublk, "aes_kernel": aes_kernel, "cpu_flags": cpu_flags, "ublk_features_in_use": in_use, "ublk_features_offered": offered, "qemu": qemu, "host_cpu": host_cpu, "runtime_s": runtime, "fio": results, "memory": mem, "crypto_markdown": crypto});
     std::fs::write(
-        dir.join("latest.json"),
+        dir.join(format!("latest-{name}.json")),
         serde_json::to_string_pretty(&report).unwrap(),
     )
     .unwrap();
+    let mut all = String::from(
+        "# fio side by side (one TCG VM boot per kernel)\n\n\
+         **Under TCG every figure is emulated and slow; only ratios inside one boot mean anything.** \
+         Made by `scripts/bench` (both kernels) or `scripts/bench --kernel 6.12|newest`.\n\n",
+    );
+    for k in KernelChoice::ALL {
+        if let Ok(part) = std::fs::read_to_string(dir.join(format!("latest-{}.md", k.name()))) {
+            all += &part;
+            all += "\n";
+        }
+    }
+    let _ = writeln!(
+        all,
+        "## Crypto micro-benchmark (host, one core)\n\n{crypto}"
+    );
+    std::fs::write(dir.join("latest.md"), &all).unwrap();
     eprintln!("wrote {}", dir.join("latest.md").display());
 }
