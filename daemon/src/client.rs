@@ -223,9 +223,9 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
     }
     for q in &s.queues {
         println!(
-            "  queue {}:     reads {} ({} B), writes {} ({} B), flushes {}, discards {}, errors {}, split {}, pool waits {}",
+            "  queue {}:     reads {} ({} B), writes {} ({} B), flushes {}, discards {}, errors {}, split {}, swap {}, pool waits {}",
             q.queue, q.io.reads, q.io.bytes_read, q.io.writes, q.io.bytes_written, q.io.flushes,
-            q.io.discards, q.io.errors, q.io.split_ios, q.pool_waits
+            q.io.discards, q.io.errors, q.io.split_ios, q.io.swap_ios, q.pool_waits
         );
         let per = |ns: u64, n: u64| {
             if n == 0 {

@@ -336,6 +336,10 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
                 tracing::warn!("{e:#}: the takeover may block if it is swapped out");
             }
         }
+        STANDBY_HEAP.store(
+            hardening::reserve_heap(hardening::TAKEOVER_HEAP_BYTES),
+            Ordering::Relaxed,
+        );
         if let Err(e) = standby.announce_ready(&ctx.record) {
             tracing::warn!("standby: {e:#}");
         }
@@ -394,6 +398,10 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
 /// A standby's takeover under way: when it saw its daemon gone (the start of the device's time
 /// without a server), whether that one handed over, and its pid.
 static TAKEOVER_STARTED: OnceLock<(Instant, bool, u32)> = OnceLock::new();
+
+/// The standby's heap size when it said it was ready (`hardening::reserve_heap`): the takeover's
+/// log says whether the heap had to grow since.
+static STANDBY_HEAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// libublk's `run_target`, with queue threads made beforehand ([`QueueThreads`]): the device's
 /// parameters, the queues handed their threads, the device started (or its recovery ended),
@@ -486,11 +494,15 @@ fn finish_takeover(ctx: &'static DeviceContext, t0: Instant, upgrade: bool, prev
         previous_pid,
     };
     let _ = ctx.standby.takeover.set(done);
+    let heap_before = STANDBY_HEAP.load(Ordering::Relaxed);
     tracing::info!(
-        "took device {} over from pid {previous_pid} ({}): {:.1} ms without a server",
+        "took device {} over from pid {previous_pid} ({}): {:.1} ms without a server, heap {} KiB \
+         (grew by {} KiB past the kept reserve)",
         ctx.record.id,
         if upgrade { "upgrade" } else { "crash" },
-        gap.as_secs_f64() * 1000.0
+        gap.as_secs_f64() * 1000.0,
+        hardening::heap_size() >> 10,
+        hardening::heap_size().saturating_sub(heap_before) >> 10
     );
     match ctx.backing.claim() {
         Ok(claim) => std::mem::forget(claim), // exclusive for the rest of the process

@@ -62,6 +62,38 @@ pub fn protect_process(p: Protections) -> Result<()> {
     Ok(())
 }
 
+/// Free heap a standby keeps for its takeover. Why: the takeover allocates (libublk's queue
+/// structures, the control plane's), with one malloc arena that is the `brk` heap, and under
+/// `MCL_FUTURE` a `brk` that grows the heap must populate the new pages at once — an allocation
+/// made while the device it would reclaim to has no server, by an IO flusher (`GFP_NOIO`, so no
+/// OOM kill either): on 7.2 the OOM torture's kill at 75 % of a fill left the standby's queue
+/// thread in `brk` for ever. Grown and kept free beforehand, the heap serves the takeover.
+pub const TAKEOVER_HEAP_BYTES: usize = 1 << 20;
+
+/// Grows the heap by about `bytes` now (locked like everything under `MCL_FUTURE`) and keeps
+/// it: glibc never trims the heap from here on, and allocations below `bytes` come from the
+/// heap, not from an mmap that would need fresh pages. Returns the heap's size (`arena`).
+pub fn reserve_heap(bytes: usize) -> usize {
+    // SAFETY: mallopt only tunes glibc's allocator; malloc/free of a block that is written
+    // and released here, never used after.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes as i32);
+        let p = libc::malloc(bytes - 4096) as *mut u8;
+        if !p.is_null() {
+            std::ptr::write_volatile(p, 1);
+            libc::free(std::hint::black_box(p) as *mut libc::c_void);
+        }
+    }
+    heap_size()
+}
+
+/// The size of the malloc heap, bytes (`mallinfo2().arena`).
+pub fn heap_size() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    unsafe { libc::mallinfo2().arena }
+}
+
 /// Per-thread protections for every thread that touches IO.
 pub fn protect_io_thread(p: Protections) -> Result<()> {
     if !p.enabled {

@@ -133,6 +133,9 @@ async fn serve_tag(
             start_sector: iod.start_sector,
             nr_sectors: iod.nr_sectors,
         };
+        if iod.op_flags & libublk::sys::UBLK_IO_F_SWAP != 0 {
+            QueueCounters::add(&io.counters.swap_ios, 1);
+        }
         let fetched_at = std::time::Instant::now();
         QueueCounters::add(
             &io.counters.depth_sum,

@@ -34,6 +34,9 @@ pub struct QueueCounters {
     /// Time reads spent waiting for the backing (submission to completion, ns): the part of
     /// `read_service_ns` that is the disk's.
     pub backing_read_ns: AtomicU64,
+    /// Requests the kernel marked as swap IO (`UBLK_IO_F_SWAP`: reclaim's writes and swap-ins):
+    /// how much of a device's traffic is swap, and that a swap device is seen as one.
+    pub swap_ios: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub struct QueueSnapshot {
     pub depth_sum: u64,
     #[serde(default)]
     pub backing_read_ns: u64,
+    #[serde(default)]
+    pub swap_ios: u64,
 }
 
 impl QueueCounters {
@@ -82,6 +87,7 @@ impl QueueCounters {
             write_service_ns: self.write_service_ns.load(Relaxed),
             depth_sum: self.depth_sum.load(Relaxed),
             backing_read_ns: self.backing_read_ns.load(Relaxed),
+            swap_ios: self.swap_ios.load(Relaxed),
         }
     }
 }

@@ -229,6 +229,21 @@ fn swap_on_the_device() {
     );
     assert!(out.console.contains("SIGTERM refused while swapped on"));
     assert!(out.console.contains("swap ok"));
+    // The kernel marks swap IO (UBLK_IO_F_SWAP) and the daemon counts it (issue 21 item 3):
+    // most of this device's requests are swap.
+    let status = out.section("status").unwrap();
+    let count = |key: &str| -> u64 {
+        status
+            .split_once(&format!("{key} "))
+            .and_then(|(_, r)| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} count in {status}"))
+    };
+    let (swap, reads, writes) = (count("swap"), count("reads"), count("writes"));
+    assert!(
+        swap > 1_000 && swap <= reads + writes,
+        "swap IOs counted: {swap} of {reads} reads + {writes} writes"
+    );
 }
 
 /// The first swap-out burst a fresh daemon meets, eight times over (open, mkswap, swapon, push
