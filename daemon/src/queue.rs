@@ -144,7 +144,10 @@ async fn serve_tag(
         command = Some(
             crypto
                 .in_flight
-                .serving(io.handle(&desc, &req, backing, &crypto))
+                .serving(
+                    desc.op == crate::io::op::READ,
+                    io.handle(&desc, &req, backing, &crypto),
+                )
                 .await,
         );
         let held = fetched_at.elapsed().as_nanos() as u64;

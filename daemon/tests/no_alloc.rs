@@ -127,7 +127,7 @@ fn drive_sized<C: SectorCrypto>(
                     nr_sectors: nr,
                 };
                 let r = in_flight
-                    .serving(io.handle(&desc, req, backing, &crypto))
+                    .serving(desc.op == op::READ, io.handle(&desc, req, backing, &crypto))
                     .await;
                 assert!(r >= 0, "IO failed: {r}");
             }
