@@ -290,9 +290,8 @@ impl Apt {
     }
 }
 
-/// The Debian archive the host's apt uses (`URIs:` of a deb822 `.sources` file or the URL of
-/// a one-line `deb` entry, whichever names the main archive first); deb.debian.org otherwise.
-fn host_debian_mirror() -> String {
+/// The host's apt sources files: `/etc/apt/sources.list` and `sources.list.d/*.{list,sources}`.
+pub(crate) fn host_apt_source_files() -> Vec<PathBuf> {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(rd) = fs::read_dir("/etc/apt/sources.list.d") {
         let mut more: Vec<PathBuf> = rd
@@ -302,6 +301,13 @@ fn host_debian_mirror() -> String {
         more.sort();
         files.extend(more);
     }
+    files
+}
+
+/// The Debian archive the host's apt uses (`URIs:` of a deb822 `.sources` file or the URL of
+/// a one-line `deb` entry, whichever names the main archive first); deb.debian.org otherwise.
+fn host_debian_mirror() -> String {
+    let files = host_apt_source_files();
     for f in files {
         let Ok(text) = fs::read_to_string(&f) else {
             continue;

@@ -147,15 +147,7 @@ fn configure(root: &Path) -> Result<(), String> {
 /// The host's apt sources files that name Debian 12, handed to mmdebstrap as they are (it
 /// reads one-line `.list` and deb822 `.sources` files): the same mirror the host installs from.
 fn host_debian_sources() -> Result<Vec<PathBuf>, String> {
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(rd) = fs::read_dir("/etc/apt/sources.list.d") {
-        let mut more: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "list" || x == "sources"))
-            .collect();
-        more.sort();
-        files.extend(more);
-    }
+    let files = super::kernel::host_apt_source_files();
     let found: Vec<PathBuf> = files
         .into_iter()
         .filter(|p| {
