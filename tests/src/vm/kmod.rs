@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::env::{run_checked, VmEnv};
 
@@ -157,7 +158,16 @@ fn decompress(src: &Path, kodir: &Path) -> Result<PathBuf, String> {
     } else {
         fs::read(src).map_err(|e| format!("reading {}: {e}", src.display()))?
     };
-    let tmp = kodir.join(format!(".{}.{}.tmp", file_stem(src), std::process::id()));
+    // Unique per process and per call: the tests of one binary set up their VMs on parallel
+    // threads, and two threads sharing one temporary name lost the race of the rename (CI, stop 27:
+    // "renaming to …/dm-mod.ko: No such file or directory").
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = kodir.join(format!(
+        ".{}.{}.{}.tmp",
+        file_stem(src),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::write(&tmp, &data).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     fs::rename(&tmp, &dst).map_err(|e| format!("renaming to {}: {e}", dst.display()))?;
     Ok(dst)
@@ -199,5 +209,34 @@ mod tests {
         assert_eq!(p, ["ecb", "cbc"]);
         let (d, p) = modinfo_deps(b"\0depends=\0");
         assert!(d.is_empty() && p.is_empty());
+    }
+
+    /// The tests of one binary prepare their VMs on parallel threads of one process: each must
+    /// get the module, none a failed rename (CI, stop 27).
+    #[test]
+    fn threads_of_one_process_decompress_the_same_module() {
+        let base = std::env::temp_dir().join(format!("kmod-race-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let kodir = base.join("ko");
+        fs::create_dir_all(&kodir).unwrap();
+        let src = base.join("dm-mod.ko");
+        let body = vec![0x5a_u8; 1 << 20];
+        fs::write(&src, &body).unwrap();
+        for _ in 0..20 {
+            let _ = fs::remove_file(kodir.join("dm-mod.ko"));
+            let results: Vec<Result<PathBuf, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| decompress(&src, &kodir)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in results {
+                let ko = r.expect("decompress on a parallel thread");
+                assert_eq!(fs::read(&ko).unwrap(), body);
+            }
+        }
+        let leftovers = fs::read_dir(&kodir).unwrap().count();
+        fs::remove_dir_all(&base).unwrap();
+        assert_eq!(leftovers, 1, "only dm-mod.ko, no temporary file left");
     }
 }
