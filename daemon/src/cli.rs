@@ -212,6 +212,14 @@ pub struct OpenArgs {
     #[arg(long)]
     pub pin_queues: bool,
 
+    /// Longest wait, in microseconds, that a queue thread polls its ring through instead of
+    /// sleeping; the window adapts to the waits it sees, like the kernel's haltpoll, and an
+    /// idle device is not polled. Each swap-in wakes the daemon twice, and on scattered swap-in
+    /// those wake-ups were most of the distance to dm-crypt. It costs CPU while IO is in
+    /// flight; 0: never poll.
+    #[arg(long, default_value_t = 500, value_name = "USEC")]
+    pub poll_usec: u32,
+
     /// Serve without a standby process. By default a second, pre-locked process stands by and
     /// takes the device over within milliseconds if the daemon dies (even with no free memory),
     /// and makes `upgrade` possible; it adds a few MiB of locked memory (the pool is shared).
@@ -257,6 +265,7 @@ impl OpenArgs {
                 .crypto_threads
                 .unwrap_or_else(DeviceConfig::default_crypto_threads),
             pin_queues: self.pin_queues,
+            poll_usec: self.poll_usec,
             standby: !self.no_standby,
             protections: !self.test_disable_protections,
             foreground: self.foreground,

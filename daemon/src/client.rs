@@ -242,6 +242,13 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
             per(q.io.write_service_ns, q.io.writes),
             if all == 0 { 0.0 } else { q.io.depth_sum as f64 / all as f64 }
         );
+        println!(
+            "  queue {}:     polled {:.1} s instead of sleeping, {} of {} polls ended by a completion",
+            q.queue,
+            q.io.poll_ns as f64 / 1e9,
+            q.io.poll_hits,
+            q.io.polls
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

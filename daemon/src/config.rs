@@ -51,6 +51,8 @@ pub struct DeviceConfig {
     /// Crypto worker threads (0: the AES runs on the queue threads only).
     pub crypto_threads: usize,
     pub pin_queues: bool,
+    /// Longest wait a queue thread polls through before it sleeps, us (0: never polls).
+    pub poll_usec: u32,
     /// A standby process that takes the device over if this daemon dies (`standby.rs`).
     pub standby: bool,
     /// The OOM protections; off only in the torture test.
@@ -100,6 +102,7 @@ impl DeviceConfig {
             max_io_kib: rec.max_io_kib,
             crypto_threads: rec.crypto_threads,
             pin_queues: rec.pin_queues,
+            poll_usec: rec.poll_usec,
             standby: rec.standby,
             protections: rec.protections,
             foreground,
@@ -164,6 +167,13 @@ impl DeviceConfig {
                 self.crypto_threads
             );
         }
+        if self.poll_usec > MAX_POLL_USEC {
+            bail!(
+                "--poll-usec {} is out of range (0..={MAX_POLL_USEC}): a queue thread would spin \
+                 through waits that long",
+                self.poll_usec
+            );
+        }
         self.layout.validate()?;
         Ok(())
     }
@@ -192,6 +202,7 @@ impl DeviceConfig {
             max_io_kib: self.max_io_kib,
             crypto_threads: self.crypto_threads,
             pin_queues: self.pin_queues,
+            poll_usec: self.poll_usec,
             standby: self.standby,
             protections: self.protections,
             ephemeral: self.ephemeral,
@@ -204,6 +215,8 @@ impl DeviceConfig {
 pub const MAX_ID: u32 = (1 << 20) - 1;
 /// The largest IO pool: far beyond what any queue layout needs (the pool splits large IOs).
 pub const MAX_POOL_MIB: usize = 4096;
+/// `--poll-usec`: 10 ms, far beyond any wait worth a spinning CPU (an SSD read is ~0.1 ms).
+pub const MAX_POLL_USEC: u32 = 10_000;
 /// Crypto workers: each has a locked stack; more than there are CPUs only adds switches.
 pub const MAX_CRYPTO_THREADS: usize = 64;
 
@@ -247,6 +260,7 @@ mod tests {
             max_io_kib: 512,
             crypto_threads: 2,
             pin_queues: false,
+            poll_usec: 200,
             standby: true,
             protections: true,
             foreground: false,
@@ -270,6 +284,7 @@ mod tests {
         assert!(e(|c| c.name = Some("7".into())).contains("--name '7'"));
         assert!(e(|c| c.name = Some("a/b".into())).contains("--name"));
         assert!(e(|c| c.layout.sector_size = 1000).contains("1000"));
+        assert!(e(|c| c.poll_usec = MAX_POLL_USEC + 1).contains("--poll-usec 10001"));
     }
 
     #[test]

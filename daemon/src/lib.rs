@@ -21,6 +21,7 @@ pub mod key_source;
 pub mod keyring;
 pub mod mkswap;
 pub mod offload;
+pub mod poll_window;
 pub mod queue;
 pub mod queue_crypto;
 pub mod queue_threads;

@@ -5,8 +5,10 @@
 //! data by user copy, the backing through the queue's own io_uring, and the wait for a crypto
 //! worker as a poll on that ring. And the queue threads' CPU affinity.
 
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
@@ -17,6 +19,7 @@ use crate::context::{DeviceContext, Event};
 use crate::executor::{block_on, TagExecutor};
 use crate::io::{BackingIo, IoDesc, IoPath, RequestData};
 use crate::offload::CryptoWorkers;
+use crate::poll_window::PollWindow;
 use crate::queue_crypto::{InFlight, QueueCrypto, WorkerWait};
 use crate::stats::QueueCounters;
 
@@ -63,15 +66,24 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         };
         serve_tag(&q, tag, &io, &backing, crypto)
     }));
+    let poll = PollWindow::new(Duration::from_micros(u64::from(ctx.record.poll_usec)));
+    let work_ended: Cell<Option<Instant>> = Cell::new(None);
     // A round: poll the woken tasks; then the small pieces they parked are shared out
-    // (`PieceBatch::flush`), which wakes them again, until nothing is parked.
+    // (`PieceBatch::flush`), which wakes them again, until nothing is parked. Then, before
+    // libublk sleeps in the ring, poll it for the window (`poll_window.rs`), which learns from
+    // how long each wait turned out to be.
     let round = || {
+        if let Some(ended) = work_ended.take() {
+            poll.record(ended.elapsed());
+        }
         exe.run_ready();
         if let Some(workers) = ctx.workers {
             while batch.flush(workers) {
                 exe.run_ready();
             }
         }
+        work_ended.set(Some(Instant::now()));
+        poll_ring(poll.window(), io.counters);
     };
     let r = block_on(libublk::wait_and_handle_io_events(
         &q,
@@ -83,6 +95,33 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         tracing::error!("queue {qid}: {e}");
     }
     ctx.send(Event::QueueExited(qid));
+}
+
+/// Polls the queue's ring for up to `window` for a completion, so that the next request or a
+/// backing read's completion does not have to wake a sleeping thread. What the round queued is
+/// submitted first. Each turn is a syscall, not a look at the ring alone: with
+/// `IORING_SETUP_COOP_TASKRUN` completions (ublk's fetches among them) arrive as task work,
+/// which runs only when the thread enters the kernel.
+fn poll_ring(window: Duration, counters: &QueueCounters) {
+    if window.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    let hit = libublk::io::with_task_io_ring_mut(|ring| {
+        let _ = ring.submit();
+        loop {
+            if !ring.completion().is_empty() {
+                return true;
+            }
+            if start.elapsed() >= window {
+                return false;
+            }
+            let _ = ring.submit();
+        }
+    });
+    QueueCounters::add(&counters.polls, 1);
+    QueueCounters::add(&counters.poll_hits, u64::from(hit));
+    QueueCounters::add(&counters.poll_ns, start.elapsed().as_nanos() as u64);
 }
 
 /// One tag's life: fetch a request, serve it, commit the result (which fetches the next).

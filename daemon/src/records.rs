@@ -48,6 +48,10 @@ pub struct DeviceRecord {
     /// `--pin-queues`: queue threads stay on their queue's CPUs (libublk's affinity).
     #[serde(default)]
     pub pin_queues: bool,
+    /// `--poll-usec`: the longest wait a queue thread polls its ring through before sleeping
+    /// (`poll_window.rs`); 0 (and a record from before it existed): never polls.
+    #[serde(default)]
+    pub poll_usec: u32,
     /// Whether the daemon keeps a standby (`--no-standby`: not).
     #[serde(default = "yes")]
     pub standby: bool,
@@ -216,6 +220,7 @@ mod tests {
             max_io_kib: 512,
             crypto_threads: 2,
             pin_queues: false,
+            poll_usec: 200,
             standby: true,
             protections: true,
             ephemeral: true,

@@ -37,6 +37,12 @@ pub struct QueueCounters {
     /// Requests the kernel marked as swap IO (`UBLK_IO_F_SWAP`: reclaim's writes and swap-ins):
     /// how much of a device's traffic is swap, and that a swap device is seen as one.
     pub swap_ios: AtomicU64,
+    /// Time the queue thread polled its ring instead of sleeping (`--poll-usec`), ns, and how
+    /// many of those polls a completion ended (the rest ended in a sleep): what the polling
+    /// costs in CPU, and how often it pays.
+    pub poll_ns: AtomicU64,
+    pub poll_hits: AtomicU64,
+    pub polls: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -63,6 +69,12 @@ pub struct QueueSnapshot {
     pub backing_read_ns: u64,
     #[serde(default)]
     pub swap_ios: u64,
+    #[serde(default)]
+    pub poll_ns: u64,
+    #[serde(default)]
+    pub poll_hits: u64,
+    #[serde(default)]
+    pub polls: u64,
 }
 
 impl QueueCounters {
@@ -88,6 +100,9 @@ impl QueueCounters {
             depth_sum: self.depth_sum.load(Relaxed),
             backing_read_ns: self.backing_read_ns.load(Relaxed),
             swap_ios: self.swap_ios.load(Relaxed),
+            poll_ns: self.poll_ns.load(Relaxed),
+            poll_hits: self.poll_hits.load(Relaxed),
+            polls: self.polls.load(Relaxed),
         }
     }
 }
