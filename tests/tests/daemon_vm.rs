@@ -244,6 +244,20 @@ fn swap_on_the_device() {
         swap > 1_000 && swap <= reads + writes,
         "swap IOs counted: {swap} of {reads} reads + {writes} writes"
     );
+    // The queue thread polled its ring rather than sleep through the short waits of swap IO
+    // (`--poll-usec`, on by default; issue 19): "polled X s instead of sleeping, H of N polls".
+    let polled = status
+        .lines()
+        .find(|l| l.contains(" polls ended by a completion"))
+        .unwrap_or_else(|| panic!("no poll counts in {status}"));
+    let ints: Vec<u64> = polled
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        matches!(ints[..], [hits, polls] if polls > 100 && hits <= polls),
+        "the queue thread polled: {polled}"
+    );
 }
 
 /// The first swap-out burst a fresh daemon meets, eight times over (open, mkswap, swapon, push
