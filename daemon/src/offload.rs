@@ -225,6 +225,12 @@ impl CryptoWorkers {
         self.outstanding.load(Ordering::Relaxed) < self.threads
     }
 
+    /// Whether any worker has a job (of any queue): the AES, not a wake-up, is then what the
+    /// queue threads wait for, and a queue thread that polls takes a CPU from it.
+    pub fn busy(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) > 0
+    }
+
     /// The eventfd a worker writes when `slot`'s job is done.
     pub fn done_fd(&self, slot: usize) -> RawFd {
         self.slots[slot].done.as_raw_fd()

@@ -83,7 +83,11 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
             }
         }
         work_ended.set(Some(Instant::now()));
-        poll_ring(poll.window(), io.counters);
+        // Not while crypto workers have jobs: that wait is their AES, long against a wake-up,
+        // and a polling queue thread takes a CPU it needs (the 1 MiB jobs, a swap-out's fill).
+        if ctx.workers.is_none_or(|w| !w.busy()) {
+            poll_ring(poll.window(), io.counters);
+        }
     };
     let r = block_on(libublk::wait_and_handle_io_events(
         &q,
