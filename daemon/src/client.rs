@@ -217,8 +217,15 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
     }
     if let Some(t) = &s.last_takeover {
         println!(
-            "  takeover:    from pid {} ({}), {:.1} ms without a server",
-            t.previous_pid, t.kind, t.gap_ms
+            "  takeover:    from pid {} ({}), {:.1} ms without a server{}",
+            t.previous_pid,
+            t.kind,
+            t.gap_ms,
+            if t.realtime {
+                ", at real-time priority"
+            } else {
+                ""
+            }
         );
     }
     for q in &s.queues {

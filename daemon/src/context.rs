@@ -84,6 +84,8 @@ pub struct Takeover {
     pub upgrade: bool,
     /// The previous daemon's pid.
     pub previous_pid: u32,
+    /// Whether the takeover ran at real-time priority (`hardening::set_takeover_priority`).
+    pub realtime: bool,
 }
 
 impl DeviceContext {

@@ -97,6 +97,9 @@ pub struct TakeoverStatus {
     /// `crash` (the previous daemon died) or `upgrade` (it handed over).
     pub kind: String,
     pub previous_pid: u32,
+    /// Whether the takeover ran at real-time priority (absent from older daemons: false).
+    #[serde(default)]
+    pub realtime: bool,
 }
 
 fn status_of(ctx: &DeviceContext) -> Status {
@@ -136,6 +139,7 @@ fn status_of(ctx: &DeviceContext) -> Status {
         gap_ms: t.gap_us as f64 / 1000.0,
         kind: if t.upgrade { "upgrade" } else { "crash" }.to_string(),
         previous_pid: t.previous_pid,
+        realtime: t.realtime,
     });
     Status {
         path: device.bdev_path(),
@@ -299,6 +303,43 @@ pub fn recovery_test_hook(point: &str) -> Result<()> {
         },
         _ => Ok(()),
     }
+}
+
+/// The OOM torture's slow takeover, with `UBLK_CRYPT_TEST_HOOKS=1`: a standby that sees its
+/// daemon gone first sleeps `UBLK_CRYPT_TEST_TAKEOVER_DELAY_MS` (so a swapping hog takes every
+/// page the dead daemon freed, as on a busy machine), and with
+/// `UBLK_CRYPT_TEST_TAKEOVER_PRIORITY=normal` takes over without real-time priority (the A/B
+/// of `hardening::set_takeover_priority`). Returns whether real-time priority is allowed.
+pub fn takeover_test_hook() -> bool {
+    if !test_hooks() {
+        return true;
+    }
+    let delay_ms = std::env::var("UBLK_CRYPT_TEST_TAKEOVER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if delay_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    }
+    std::env::var_os("UBLK_CRYPT_TEST_TAKEOVER_PRIORITY").is_none_or(|v| v != "normal")
+}
+
+/// With `UBLK_CRYPT_TEST_HOOKS=1 UBLK_CRYPT_TEST_TAKEOVER_ALLOC_KIB=N`, a takeover first
+/// needs N KiB of fresh memory (an anonymous mapping, populated and locked): the A/B of what
+/// a takeover can still get when the machine has none.
+pub fn takeover_test_alloc() {
+    let kib: usize = match std::env::var("UBLK_CRYPT_TEST_TAKEOVER_ALLOC_KIB") {
+        Ok(v) if test_hooks() => v.parse().unwrap_or(0),
+        _ => 0,
+    };
+    if kib == 0 {
+        return;
+    }
+    let mut v = vec![0u8; kib << 10];
+    for page in v.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::mem::forget(std::hint::black_box(v));
 }
 
 /// `standby-ready PID LOCKED_SHARE_KIB`: only a standby this daemon started counts. It says

@@ -340,15 +340,26 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
             hardening::reserve_heap(hardening::TAKEOVER_HEAP_BYTES),
             Ordering::Relaxed,
         );
+        let (mut priority, allowed) = standby::TakeoverPriority::check(&threads.tids());
+        if let Err(e) = allowed {
+            tracing::warn!(
+                "standby: the takeover cannot run at real-time priority ({e}: it needs \
+                 CAP_SYS_NICE): with memory exhausted it may wait for memory that never comes"
+            );
+        }
         if let Err(e) = standby.announce_ready(&ctx.record) {
             tracing::warn!("standby: {e:#}");
         }
         let gone = standby.wait_for_primary();
+        let realtime = control::takeover_test_hook() && priority.raise();
+        control::takeover_test_alloc();
         if !standby::begin_recovery(&ctrl, id)? {
+            priority.lower();
             tracing::info!("device {id} was closed: the standby is not needed");
             return Ok(());
         }
-        let _ = TAKEOVER_STARTED.set((gone.at, gone.upgrade, *previous_pid));
+        *TAKEOVER_PRIORITY.lock().unwrap() = Some(priority);
+        let _ = TAKEOVER_STARTED.set((gone.at, gone.upgrade, *previous_pid, realtime));
     } else {
         control::spawn(ctx).map_err(|e| cleanup.undo(e))?;
     }
@@ -396,8 +407,11 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
 }
 
 /// A standby's takeover under way: when it saw its daemon gone (the start of the device's time
-/// without a server), whether that one handed over, and its pid.
-static TAKEOVER_STARTED: OnceLock<(Instant, bool, u32)> = OnceLock::new();
+/// without a server), whether that one handed over, its pid, and whether the takeover runs at
+/// real-time priority.
+static TAKEOVER_STARTED: OnceLock<(Instant, bool, u32, bool)> = OnceLock::new();
+/// The takeover's threads at real-time priority, lowered once the device is served.
+static TAKEOVER_PRIORITY: Mutex<Option<standby::TakeoverPriority>> = Mutex::new(None);
 
 /// The standby's heap size when it said it was ready (`hardening::reserve_heap`): the takeover's
 /// log says whether the heap had to grow since.
@@ -438,8 +452,11 @@ fn went_live(
     readiness: &Mutex<Option<Readiness>>,
 ) {
     let path = ctx.record.bdev_path();
-    if let Some(&(t0, upgrade, previous_pid)) = TAKEOVER_STARTED.get() {
-        finish_takeover(ctx, t0, upgrade, previous_pid);
+    if let Some(&(t0, upgrade, previous_pid, realtime)) = TAKEOVER_STARTED.get() {
+        if let Some(mut p) = TAKEOVER_PRIORITY.lock().unwrap().take() {
+            p.lower();
+        }
+        finish_takeover(ctx, t0, upgrade, previous_pid, realtime);
     }
     // Before READY=1 and `open` returning: whoever sees the device sees final affinities.
     if !pin_queues {
@@ -483,7 +500,13 @@ fn went_live(
 
 /// The rest of a takeover, once the device is served again (allocating is safe now: reclaim
 /// can write to swap again).
-fn finish_takeover(ctx: &'static DeviceContext, t0: Instant, upgrade: bool, previous_pid: u32) {
+fn finish_takeover(
+    ctx: &'static DeviceContext,
+    t0: Instant,
+    upgrade: bool,
+    previous_pid: u32,
+    realtime: bool,
+) {
     let gap = t0.elapsed();
     let done = Takeover {
         at_unix_ms: std::time::SystemTime::now()
@@ -492,15 +515,21 @@ fn finish_takeover(ctx: &'static DeviceContext, t0: Instant, upgrade: bool, prev
         gap_us: gap.as_micros() as u64,
         upgrade,
         previous_pid,
+        realtime,
     };
     let _ = ctx.standby.takeover.set(done);
     let heap_before = STANDBY_HEAP.load(Ordering::Relaxed);
     tracing::info!(
-        "took device {} over from pid {previous_pid} ({}): {:.1} ms without a server, heap {} KiB \
-         (grew by {} KiB past the kept reserve)",
+        "took device {} over from pid {previous_pid} ({}): {:.1} ms without a server, {}, heap \
+         {} KiB (grew by {} KiB past the kept reserve)",
         ctx.record.id,
         if upgrade { "upgrade" } else { "crash" },
         gap.as_secs_f64() * 1000.0,
+        if realtime {
+            "at real-time priority"
+        } else {
+            "at normal priority"
+        },
         hardening::heap_size() >> 10,
         hardening::heap_size().saturating_sub(heap_before) >> 10
     );

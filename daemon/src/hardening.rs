@@ -94,6 +94,35 @@ pub fn heap_size() -> usize {
     unsafe { libc::mallinfo2().arena }
 }
 
+/// The real-time priority of a standby's takeover (`SCHED_FIFO`, lowest priority), held from
+/// the moment its daemon is gone until the device is served again, a few tens of
+/// milliseconds. Why: the takeover still makes the kernel allocate (opening `/dev/ublkcN`,
+/// mapping its commands, the queue's first fetches), as an IO flusher, in a machine whose
+/// memory may be exhausted: the dead daemon's freed pages go to whoever asks first, and a
+/// swapping process asks all the time. No ordinary allocation may go below the zone's min
+/// watermark, so the takeover would wait for reclaim that waits for the takeover (CI saw it:
+/// free memory under min, the standby never live). A real-time task's allocations may use
+/// half of that min reserve (the kernel's `ALLOC_MIN_RESERVE` for RT tasks, Linux 6.3+),
+/// which ordinary tasks leave alone: the takeover finds memory where nothing else can.
+/// `SCHED_RESET_ON_FORK`: nothing this process starts inherits it.
+pub fn set_takeover_priority(tid: i32, on: bool) -> std::io::Result<()> {
+    let (policy, priority) = if on {
+        (libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, 1)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sched_setscheduler reads the sched_param we own and changes one thread's
+    // scheduling policy; nothing else is touched.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Per-thread protections for every thread that touches IO.
 pub fn protect_io_thread(p: Protections) -> Result<()> {
     if !p.enabled {

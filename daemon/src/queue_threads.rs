@@ -75,6 +75,11 @@ impl QueueThreads {
         Ok(QueueThreads { threads })
     }
 
+    /// The threads' tids, in queue order.
+    pub fn tids(&self) -> Vec<i32> {
+        self.threads.iter().map(|t| t.tid).collect()
+    }
+
     /// The device exists: tells libublk each thread's tid (its affinity and JSON), hands every
     /// thread the device, and returns the threads to join once they end.
     pub fn start(

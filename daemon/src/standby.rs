@@ -111,6 +111,50 @@ impl Standby {
     }
 }
 
+/// The threads that take the device over (the main thread and the queue threads), raised to
+/// the takeover's real-time priority while it lasts (`hardening::set_takeover_priority`).
+pub struct TakeoverPriority {
+    tids: Vec<i32>,
+    raised: bool,
+}
+
+impl TakeoverPriority {
+    /// Made before the wait (the only allocation), with a check that raising is allowed:
+    /// `Err` says why not (no `CAP_SYS_NICE`, `RestrictRealtime=`), and the takeover goes on
+    /// at normal priority.
+    pub fn check(queue_tids: &[i32]) -> (TakeoverPriority, std::io::Result<()>) {
+        let mut tids = Vec::with_capacity(queue_tids.len() + 1);
+        tids.push(nix::unistd::gettid().as_raw());
+        tids.extend_from_slice(queue_tids);
+        let allowed = crate::hardening::set_takeover_priority(0, true)
+            .and_then(|()| crate::hardening::set_takeover_priority(0, false));
+        (
+            TakeoverPriority {
+                tids,
+                raised: false,
+            },
+            allowed,
+        )
+    }
+
+    /// The daemon is gone: every takeover thread to real-time priority. Whether it worked.
+    pub fn raise(&mut self) -> bool {
+        self.raised = self
+            .tids
+            .iter()
+            .all(|&t| crate::hardening::set_takeover_priority(t, true).is_ok());
+        self.raised
+    }
+
+    /// The device is served: back to normal priority.
+    pub fn lower(&mut self) {
+        for &t in &self.tids {
+            let _ = crate::hardening::set_takeover_priority(t, false);
+        }
+        self.raised = false;
+    }
+}
+
 /// The daemon is gone: waits until the kernel holds the device's IO for a new server (state
 /// quiesced), then starts the user recovery on `ctrl` (made with `UBLK_DEV_F_RECOVER_DEV`
 /// before the wait). `Ok(false)`: the device was stopped or deleted instead (a clean close),

@@ -281,7 +281,15 @@ fn daemon_unit_has_what_oom_survival_and_recovery_need() {
     );
     let mut caps: Vec<&str> = one("CapabilityBoundingSet").split_whitespace().collect();
     caps.sort();
-    assert_eq!(caps, ["CAP_IPC_LOCK", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE"]);
+    assert_eq!(
+        caps,
+        [
+            "CAP_IPC_LOCK",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_NICE",
+            "CAP_SYS_RESOURCE"
+        ]
+    );
     let rt: Vec<&str> = one("RuntimeDirectory").split_whitespace().collect();
     assert_eq!(rt, ["ublk-crypt", "ublksrvd"]);
     assert!(values(&d, "Before")
@@ -311,6 +319,7 @@ fn daemon_unit_has_what_oom_survival_and_recovery_need() {
         "ProtectKernelLogs",
         "ProtectProc",
         "SystemCallFilter",
+        "RestrictRealtime",
     ] {
         assert!(values(&d, absent).is_empty(), "{absent}= is set");
     }

@@ -104,6 +104,9 @@ fn main() -> ExitCode {
                 if b != Backend::UblkCryptUnprotected {
                     failed = true;
                 }
+                if !r.blocked_tasks.is_empty() {
+                    println!("  blocked tasks (last dump):\n{}", r.blocked_tasks);
+                }
                 println!("  last console lines:\n{}", r.console_tail);
             }
             reports.push((label, r));

@@ -215,6 +215,17 @@ pub struct Torture {
     /// (`vaes-avx2`) measures the emulator (bench/results/history.md, run H): with it the fill
     /// took 12.7 s against dm-crypt's 8.2 s, and every write 4.9 ms in the daemon.
     pub xts_tier: String,
+    /// Crash phases: how long a standby waits after its daemon is gone before it takes over
+    /// (the daemon's `UBLK_CRYPT_TEST_TAKEOVER_DELAY_MS` hook; 0: at once). With a delay the
+    /// swapping hog takes every page the dead daemon freed first, as on a busy machine, so the
+    /// takeover must find memory where only a real-time task may take it.
+    pub takeover_delay_ms: u32,
+    /// Crash phases: take over at normal priority (the A/B of the real-time takeover;
+    /// `UBLK_CRYPT_TEST_TAKEOVER_PRIORITY=normal`).
+    pub takeover_normal_priority: bool,
+    /// Crash phases: KiB of fresh memory each takeover must get first
+    /// (`UBLK_CRYPT_TEST_TAKEOVER_ALLOC_KIB`; 0: none).
+    pub takeover_alloc_kib: u32,
 }
 
 /// Bytes of the raw area behind the swap area, where the positive control's stamps go.
@@ -238,6 +249,9 @@ impl Torture {
             recover_reserve_mib: 0,
             open_args: String::new(),
             xts_tier: "portable".into(),
+            takeover_delay_ms: 0,
+            takeover_normal_priority: false,
+            takeover_alloc_kib: 0,
         }
     }
 

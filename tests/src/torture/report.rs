@@ -17,6 +17,7 @@ impl Torture {
             log_path: out.log_path().to_path_buf(),
             duration: out.duration,
             console_tail: out.console_tail(60),
+            blocked_tasks: out.blocked_tasks(),
             ..Report::default()
         };
         for line in out.console.lines() {
@@ -49,6 +50,13 @@ impl Torture {
                 r.watchdog.push(line.to_string());
             }
         }
+        r.takeovers = out
+            .section("daemon-log")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("took device"))
+            .map(|l| l.split(" INFO ").last().unwrap_or(l).to_string())
+            .collect();
         if let Some(final_status) = out.section("final-status") {
             if let Some(p) = PoolSample::parse(&final_status) {
                 r.pool.push(p);
@@ -95,6 +103,7 @@ impl Torture {
             Err(e) => r.scan_error = Some(e.to_string()),
         }
         r.phases = self.phases.clone();
+        r.takeover_normal_priority = self.takeover_normal_priority;
         r.memory_mib = self.memory_mib;
         r.max_gap = self.max_gap.as_secs_f64();
         r.fill_in_exits();
@@ -179,9 +188,14 @@ pub struct Report {
     pub stamps_in_control: Option<usize>,
     pub scan_error: Option<String>,
     pub console_tail: String,
+    /// The daemons' "took device N over" log lines (standby takeovers), in order.
+    pub takeovers: Vec<String>,
+    /// The last blocked-task dump (vm-watchdog's sysrq `w`), one line per task.
+    pub blocked_tasks: String,
     pub log_path: PathBuf,
     pub duration: Duration,
     phases: Vec<Phase>,
+    takeover_normal_priority: bool,
     memory_mib: u32,
     max_gap: f64,
 }
@@ -204,9 +218,12 @@ impl Default for Report {
             stamps_in_control: None,
             scan_error: None,
             console_tail: String::new(),
+            blocked_tasks: String::new(),
+            takeovers: vec![],
             log_path: PathBuf::new(),
             duration: Duration::ZERO,
             phases: vec![],
+            takeover_normal_priority: false,
             memory_mib: 0,
             max_gap: 60.0,
         }
@@ -394,6 +411,16 @@ impl Report {
                 f.push(format!(
                     "the daemon was recovered after {recovered} of {kills} kills"
                 ));
+            }
+            // Each standby takeover at real-time priority (hardening::set_takeover_priority),
+            // unless the run asked for the normal-priority A/B.
+            let want = if self.takeover_normal_priority {
+                "at normal priority"
+            } else {
+                "at real-time priority"
+            };
+            for t in self.takeovers.iter().filter(|t| !t.contains(want)) {
+                f.push(format!("takeover not {want}: {t}"));
             }
             if protected {
                 for e in self.events.iter().filter(|e| e.starts_with("daemon-check")) {

@@ -32,6 +32,27 @@ impl Torture {
                 if self.ramfs_run_dir {
                     s += "for d in /run/ublk-crypt /run/ublksrvd; do mkdir -p $d && mount -t ramfs -o mode=0700 ramfs $d; done\n";
                 }
+                if self.takeover_delay_ms > 0
+                    || self.takeover_normal_priority
+                    || self.takeover_alloc_kib > 0
+                {
+                    // Inherited by the daemon and every standby after it.
+                    let _ = writeln!(
+                        s,
+                        "export UBLK_CRYPT_TEST_HOOKS=1 UBLK_CRYPT_TEST_TAKEOVER_DELAY_MS={}",
+                        self.takeover_delay_ms
+                    );
+                    if self.takeover_alloc_kib > 0 {
+                        let _ = writeln!(
+                            s,
+                            "export UBLK_CRYPT_TEST_TAKEOVER_ALLOC_KIB={}",
+                            self.takeover_alloc_kib
+                        );
+                    }
+                    if self.takeover_normal_priority {
+                        s += "export UBLK_CRYPT_TEST_TAKEOVER_PRIORITY=normal\n";
+                    }
+                }
                 if self.xts_tier != "detected" {
                     // Inherited by the daemon, its standbys and recovered daemons.
                     let _ = writeln!(s, "export UBLK_CRYPT_XTS_TIER={}", self.xts_tier);

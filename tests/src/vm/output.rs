@@ -63,6 +63,14 @@ impl VmOutput {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// The last blocked-task dump on the console (sysrq `w`, which vm-watchdog triggers when the
+    /// guest stalls), condensed to one line per task: its name, state, pid and the innermost
+    /// frames of its stack without offsets or `?` guesses. Empty when there was none. Why: a
+    /// freeze in CI leaves only the test's message, and who waits on what is the diagnosis.
+    pub fn blocked_tasks(&self) -> String {
+        blocked_tasks(&self.console)
+    }
+
     /// Kernel warnings and bugs that reached the console (`WARNING:`, `BUG:`, lockdep,
     /// `Call Trace:`), for tests that want a clean kernel log, not only a passing script.
     pub fn kernel_complaints(&self) -> Vec<&str> {
@@ -204,3 +212,89 @@ impl fmt::Debug for VmError {
 }
 
 impl std::error::Error for VmError {}
+
+/// A console line without the kernel's `[  12.345678] ` prefix.
+fn strip_kernel_time(line: &str) -> &str {
+    match line.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+        Some((t, rest)) if t.trim().parse::<f64>().is_ok() => rest,
+        _ => line,
+    }
+}
+
+/// [`VmOutput::blocked_tasks`] of a console's text.
+fn blocked_tasks(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().map(strip_kernel_time).collect();
+    let Some(start) = lines
+        .iter()
+        .rposition(|l| l.starts_with("sysrq: Show Blocked State"))
+    else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let mut task: Option<(String, Vec<&str>)> = None;
+    let flush = |out: &mut String, task: &mut Option<(String, Vec<&str>)>| {
+        if let Some((t, frames)) = task.take() {
+            out.push_str(&format!("{t}: {}\n", frames.join(" < ")));
+        }
+    };
+    for l in &lines[start + 1..] {
+        if l.starts_with("sysrq:") {
+            break;
+        }
+        if let Some(rest) = l.strip_prefix("task:") {
+            flush(&mut out, &mut task);
+            // "task:NAME state:D stack:0 pid:45 tgid:45 ppid:2 flags:0x00004000"
+            let name = rest.split(" state:").next().unwrap_or("").trim();
+            let field = |k: &str| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            let head = format!("{name} (pid {}, {})", field("pid:"), field("state:"));
+            task = Some((head, vec![]));
+        } else if let Some((_, frames)) = task.as_mut() {
+            // A frame: " __schedule+0x3a1/0xb50 [module]"; "? name+..." is a guess, skipped.
+            let f = l.trim();
+            if !f.starts_with('?') && f.contains("+0x") && frames.len() < 12 {
+                frames.push(f.split('+').next().unwrap_or(f));
+            }
+        }
+    }
+    flush(&mut out, &mut task);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_blocked_task_dump_is_condensed_one_line_per_task() {
+        let console = "\
+[   10.0] sysrq: Show Blocked State
+[   10.1] task:old             state:D stack:0     pid:1     tgid:1     ppid:0      flags:0x0
+[   10.2]  schedule+0x27/0xf0
+[   20.0] sysrq: Show Blocked State
+[   20.1] task:ublk-crypt      state:D stack:0     pid:218   tgid:218   ppid:1      flags:0x00004002
+[   20.2] Call Trace:
+[   20.3]  <TASK>
+[   20.4]  __schedule+0x3a1/0xb50
+[   20.5]  ? srso_return_thunk+0x5/0x5f
+[   20.6]  io_uring_cancel_generic+0x1f0/0x2a0
+[   20.7]  do_exit+0x15a/0xa80 [some_module]
+[   20.8]  </TASK>
+[   20.9] task:kworker/u8:1    state:D stack:0     pid:45    tgid:45    ppid:2      flags:0x00004000
+[   21.0] Workqueue: writeback wb_workfn (flush-252:0)
+[   21.1]  schedule+0x27/0xf0
+[   21.2] sysrq: Show Memory
+[   21.3] task:not-a-dump      state:D
+";
+        assert_eq!(
+            blocked_tasks(console),
+            "ublk-crypt (pid 218, D): __schedule < io_uring_cancel_generic < do_exit\n\
+             kworker/u8:1 (pid 45, D): schedule\n"
+        );
+        assert_eq!(blocked_tasks("no dump here\n"), "");
+    }
+}
