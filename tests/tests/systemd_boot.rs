@@ -317,6 +317,11 @@ fn encrypted_swap_under_real_systemd() {
         daemon.contains("took device 0 over"),
         "(b) the standby took the device over: {daemon}"
     );
+    // The unit grants CAP_SYS_NICE and leaves RestrictRealtime= unset for exactly this.
+    assert!(
+        daemon.contains("at real-time priority") && !daemon.contains("cannot run at real-time"),
+        "(b) the takeover ran at real-time priority under the unit: {daemon}"
+    );
     // (h)
     let u = section(&two, "upgrade");
     let journal = section(&two, "reload-journal");
