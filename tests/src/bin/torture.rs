@@ -30,6 +30,7 @@ fn main() -> ExitCode {
     let mut open_args = String::new();
     let mut orders: Option<String> = None;
     let mut xts_tier = "portable".to_string();
+    let mut queue_sysfs = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
             "--open-args" => open_args = args.next().unwrap_or_default(),
             "--orders" => orders = args.next(),
             "--xts-tier" => xts_tier = args.next().unwrap_or_default(),
+            "--queue-sysfs" => queue_sysfs = args.next().unwrap_or_default(),
             "--cpus" => cpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--backends" => {
                 let v = args.next().unwrap_or_default();
@@ -58,7 +60,7 @@ fn main() -> ExitCode {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"] [--orders ORDERS] [--xts-tier T]"
+                    "usage: torture [--long] [--backends ublk-crypt,dm-crypt,ublk-crypt-unprotected] [--rounds N] [--crash] [--cpus N] [--ramfs-run-dir] [--reserve-mib N] [--open-args \"FLAGS\"] [--orders ORDERS] [--xts-tier T] [--queue-sysfs \"KEY=VALUE ...\"]"
                 );
                 return ExitCode::from(2);
             }
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
             t.recover_reserve_mib = reserve;
             t.open_args = open_args.clone();
             t.xts_tier = xts_tier.clone();
+            t.queue_sysfs = queue_sysfs.clone();
             let label = format!("{}#{round}", b.name());
             t.name = Some(format!("torture-{}-{round}", b.name()));
             eprintln!("torture: running {label} ({profile:?} profile, {cpus} vCPUs)");

@@ -226,6 +226,9 @@ pub struct Torture {
     /// Crash phases: KiB of fresh memory each takeover must get first
     /// (`UBLK_CRYPT_TEST_TAKEOVER_ALLOC_KIB`; 0: none).
     pub takeover_alloc_kib: u32,
+    /// ublk backends: `KEY=VALUE` pairs written to the device's `queue/KEY` in sysfs once it
+    /// is open (e.g. `nomerges=2`), for experiments; split on spaces.
+    pub queue_sysfs: String,
 }
 
 /// Bytes of the raw area behind the swap area, where the positive control's stamps go.
@@ -252,6 +255,7 @@ impl Torture {
             takeover_delay_ms: 0,
             takeover_normal_priority: false,
             takeover_alloc_kib: 0,
+            queue_sysfs: String::new(),
         }
     }
 

@@ -66,6 +66,14 @@ ev "device $dev daemon $(cat $T/daemon-pid)"
 daemon_check open
 "#
                 );
+                for kv in self.queue_sysfs.split_whitespace() {
+                    if let Some((k, v)) = kv.split_once('=') {
+                        let _ = writeln!(
+                            s,
+                            "echo {v} > /sys/block/$(basename $dev)/queue/{k}; ev \"queue {k}=$(cat /sys/block/$(basename $dev)/queue/{k})\""
+                        );
+                    }
+                }
             }
             Backend::DmCrypt => {
                 let _ = write!(
