@@ -84,7 +84,7 @@ pub struct Takeover {
     pub upgrade: bool,
     /// The previous daemon's pid.
     pub previous_pid: u32,
-    /// Whether the takeover ran at real-time priority (`hardening::set_takeover_priority`).
+    /// Whether the takeover ran at real-time priority (`hardening::SchedPolicy::TAKEOVER`).
     pub realtime: bool,
 }
 

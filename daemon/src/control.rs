@@ -309,7 +309,7 @@ pub fn recovery_test_hook(point: &str) -> Result<()> {
 /// daemon gone first sleeps `UBLK_CRYPT_TEST_TAKEOVER_DELAY_MS` (so a swapping hog takes every
 /// page the dead daemon freed, as on a busy machine), and with
 /// `UBLK_CRYPT_TEST_TAKEOVER_PRIORITY=normal` takes over without real-time priority (the A/B
-/// of `hardening::set_takeover_priority`). Returns whether real-time priority is allowed.
+/// of `hardening::SchedPolicy::TAKEOVER`). Returns whether real-time priority is allowed.
 pub fn takeover_test_hook() -> bool {
     if !test_hooks() {
         return true;

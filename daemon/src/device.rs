@@ -340,7 +340,7 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
             hardening::reserve_heap(hardening::TAKEOVER_HEAP_BYTES),
             Ordering::Relaxed,
         );
-        let (mut priority, allowed) = standby::TakeoverPriority::check(&threads.tids());
+        let (mut priority, allowed) = standby::TakeoverPriority::check(threads.tids());
         if let Err(e) = allowed {
             tracing::warn!(
                 "standby: the takeover cannot run at real-time priority ({e}: it needs \
@@ -351,15 +351,16 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
             tracing::warn!("standby: {e:#}");
         }
         let gone = standby.wait_for_primary();
-        let realtime = control::takeover_test_hook() && priority.raise();
+        if control::takeover_test_hook() {
+            priority.raise();
+        }
         control::takeover_test_alloc();
         if !standby::begin_recovery(&ctrl, id)? {
             priority.lower();
             tracing::info!("device {id} was closed: the standby is not needed");
             return Ok(());
         }
-        *TAKEOVER_PRIORITY.lock().unwrap() = Some(priority);
-        let _ = TAKEOVER_STARTED.set((gone.at, gone.upgrade, *previous_pid, realtime));
+        let _ = TAKEOVER_STARTED.set((gone.at, gone.upgrade, *previous_pid, priority));
     } else {
         control::spawn(ctx).map_err(|e| cleanup.undo(e))?;
     }
@@ -407,11 +408,10 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
 }
 
 /// A standby's takeover under way: when it saw its daemon gone (the start of the device's time
-/// without a server), whether that one handed over, its pid, and whether the takeover runs at
-/// real-time priority.
-static TAKEOVER_STARTED: OnceLock<(Instant, bool, u32, bool)> = OnceLock::new();
-/// The takeover's threads at real-time priority, lowered once the device is served.
-static TAKEOVER_PRIORITY: Mutex<Option<standby::TakeoverPriority>> = Mutex::new(None);
+/// without a server), whether that one handed over, its pid, and the takeover's threads at
+/// real-time priority (lowered once the device is served).
+static TAKEOVER_STARTED: OnceLock<(Instant, bool, u32, standby::TakeoverPriority)> =
+    OnceLock::new();
 
 /// The standby's heap size when it said it was ready (`hardening::reserve_heap`): the takeover's
 /// log says whether the heap had to grow since.
@@ -452,11 +452,9 @@ fn went_live(
     readiness: &Mutex<Option<Readiness>>,
 ) {
     let path = ctx.record.bdev_path();
-    if let Some(&(t0, upgrade, previous_pid, realtime)) = TAKEOVER_STARTED.get() {
-        if let Some(mut p) = TAKEOVER_PRIORITY.lock().unwrap().take() {
-            p.lower();
-        }
-        finish_takeover(ctx, t0, upgrade, previous_pid, realtime);
+    if let Some((t0, upgrade, previous_pid, priority)) = TAKEOVER_STARTED.get() {
+        priority.lower();
+        finish_takeover(ctx, *t0, *upgrade, *previous_pid, priority.raised());
     }
     // Before READY=1 and `open` returning: whoever sees the device sees final affinities.
     if !pin_queues {

@@ -94,32 +94,66 @@ pub fn heap_size() -> usize {
     unsafe { libc::mallinfo2().arena }
 }
 
-/// The real-time priority of a standby's takeover (`SCHED_FIFO`, lowest priority), held from
-/// the moment its daemon is gone until the device is served again, a few tens of
-/// milliseconds. Why: the takeover still makes the kernel allocate (opening `/dev/ublkcN`,
-/// mapping its commands, the queue's first fetches), as an IO flusher, in a machine whose
-/// memory may be exhausted: the dead daemon's freed pages go to whoever asks first, and a
-/// swapping process asks all the time. No ordinary allocation may go below the zone's min
-/// watermark, so the takeover would wait for reclaim that waits for the takeover (CI saw it:
-/// free memory under min, the standby never live). A real-time task's allocations may use
-/// half of that min reserve (the kernel's `ALLOC_MIN_RESERVE` for RT tasks, Linux 6.3+),
-/// which ordinary tasks leave alone: the takeover finds memory where nothing else can.
-/// `SCHED_RESET_ON_FORK`: nothing this process starts inherits it.
-pub fn set_takeover_priority(tid: i32, on: bool) -> std::io::Result<()> {
-    let (policy, priority) = if on {
-        (libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, 1)
-    } else {
-        (libc::SCHED_OTHER, 0)
+/// A thread's scheduling policy and priority (`sched_getscheduler`, `sched_getparam`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedPolicy {
+    policy: libc::c_int,
+    priority: libc::c_int,
+}
+
+impl SchedPolicy {
+    /// The default: `SCHED_OTHER`.
+    pub const NORMAL: SchedPolicy = SchedPolicy {
+        policy: libc::SCHED_OTHER,
+        priority: 0,
     };
-    let param = libc::sched_param {
-        sched_priority: priority,
+
+    /// The real-time priority of a standby's takeover (`SCHED_FIFO`, lowest priority), held
+    /// from the moment its daemon is gone until the device is served again, a few tens of
+    /// milliseconds. Why: the takeover still makes the kernel allocate (opening `/dev/ublkcN`,
+    /// mapping its commands, the queue's first fetches), as an IO flusher, in a machine whose
+    /// memory may be exhausted: the dead daemon's freed pages go to whoever asks first, and a
+    /// swapping process asks all the time. No ordinary allocation may go below the zone's min
+    /// watermark, so the takeover would wait for reclaim that waits for the takeover (CI saw
+    /// it: free memory under min, the standby never live). A real-time task's allocations may
+    /// use half of that min reserve (the kernel's `ALLOC_MIN_RESERVE` for RT tasks, Linux
+    /// 6.3+), which ordinary tasks leave alone: the takeover finds memory where nothing else
+    /// can. `SCHED_RESET_ON_FORK`: nothing this process starts inherits it.
+    pub const TAKEOVER: SchedPolicy = SchedPolicy {
+        policy: libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+        priority: 1,
     };
-    // SAFETY: sched_setscheduler reads the sched_param we own and changes one thread's
-    // scheduling policy; nothing else is touched.
-    if unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+
+    /// Thread `tid`'s (0: the calling thread's).
+    pub fn of(tid: i32) -> std::io::Result<SchedPolicy> {
+        // SAFETY: sched_getscheduler only reads one thread's policy.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        if policy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_getparam writes one sched_param, which we own, for one thread.
+        if unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SchedPolicy {
+            policy,
+            priority: param.sched_priority,
+        })
+    }
+
+    /// Gives thread `tid` (0: the calling thread) this policy.
+    pub fn set(self, tid: i32) -> std::io::Result<()> {
+        let param = libc::sched_param {
+            sched_priority: self.priority,
+        };
+        // SAFETY: sched_setscheduler reads the sched_param we own and changes one thread's
+        // scheduling policy; nothing else is touched.
+        if unsafe { libc::sched_setscheduler(tid, self.policy, &param) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 
@@ -204,6 +238,20 @@ mod tests {
 
     /// `PR_GET_IO_FLUSHER` (linux/prctl.h, Linux 5.6); not in the libc crate.
     const PR_GET_IO_FLUSHER: libc::c_int = 58;
+
+    /// What the takeover saves and gives back: a thread's policy read, set again unchanged,
+    /// read back the same (no privilege needed to keep one's own policy).
+    #[test]
+    fn a_threads_policy_is_read_and_given_back() {
+        let before = SchedPolicy::of(0).unwrap();
+        std::thread::spawn(move || {
+            before.set(0).unwrap();
+            assert_eq!(SchedPolicy::of(0).unwrap(), before);
+        })
+        .join()
+        .unwrap();
+        assert_ne!(SchedPolicy::TAKEOVER, SchedPolicy::NORMAL);
+    }
 
     /// The calling thread's io-flusher flag.
     fn is_io_flusher() -> bool {

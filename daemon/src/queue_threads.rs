@@ -76,8 +76,8 @@ impl QueueThreads {
     }
 
     /// The threads' tids, in queue order.
-    pub fn tids(&self) -> Vec<i32> {
-        self.threads.iter().map(|t| t.tid).collect()
+    pub fn tids(&self) -> impl Iterator<Item = i32> + '_ {
+        self.threads.iter().map(|t| t.tid)
     }
 
     /// The device exists: tells libublk each thread's tid (its affinity and JSON), hands every

@@ -25,6 +25,7 @@ use libublk::ctrl::UblkCtrl;
 use libublk::sys;
 
 use crate::control_request;
+use crate::hardening::SchedPolicy;
 use crate::records::DeviceRecord;
 
 /// What the daemon writes into the pipe before it exits to hand over.
@@ -112,9 +113,11 @@ impl Standby {
 }
 
 /// The threads that take the device over (the main thread and the queue threads), raised to
-/// the takeover's real-time priority while it lasts (`hardening::set_takeover_priority`).
+/// the takeover's real-time priority while it lasts (`SchedPolicy::TAKEOVER`), then given back
+/// the policy each had before.
 pub struct TakeoverPriority {
-    tids: Vec<i32>,
+    /// Each thread and its policy before the takeover.
+    threads: Vec<(i32, SchedPolicy)>,
     raised: bool,
 }
 
@@ -122,36 +125,42 @@ impl TakeoverPriority {
     /// Made before the wait (the only allocation), with a check that raising is allowed:
     /// `Err` says why not (no `CAP_SYS_NICE`, `RestrictRealtime=`), and the takeover goes on
     /// at normal priority.
-    pub fn check(queue_tids: &[i32]) -> (TakeoverPriority, std::io::Result<()>) {
-        let mut tids = Vec::with_capacity(queue_tids.len() + 1);
-        tids.push(nix::unistd::gettid().as_raw());
-        tids.extend_from_slice(queue_tids);
-        let allowed = crate::hardening::set_takeover_priority(0, true)
-            .and_then(|()| crate::hardening::set_takeover_priority(0, false));
+    pub fn check(queue_tids: impl Iterator<Item = i32>) -> (TakeoverPriority, std::io::Result<()>) {
+        let main = nix::unistd::gettid().as_raw();
+        let threads: Vec<(i32, SchedPolicy)> = std::iter::once(main)
+            .chain(queue_tids)
+            .map(|t| (t, SchedPolicy::of(t).unwrap_or(SchedPolicy::NORMAL)))
+            .collect();
+        let allowed = SchedPolicy::TAKEOVER
+            .set(main)
+            .and_then(|()| threads[0].1.set(main));
         (
             TakeoverPriority {
-                tids,
+                threads,
                 raised: false,
             },
             allowed,
         )
     }
 
-    /// The daemon is gone: every takeover thread to real-time priority. Whether it worked.
-    pub fn raise(&mut self) -> bool {
+    /// The daemon is gone: every takeover thread to real-time priority.
+    pub fn raise(&mut self) {
         self.raised = self
-            .tids
+            .threads
             .iter()
-            .all(|&t| crate::hardening::set_takeover_priority(t, true).is_ok());
+            .all(|&(t, _)| SchedPolicy::TAKEOVER.set(t).is_ok());
+    }
+
+    /// Whether the takeover runs at real-time priority.
+    pub fn raised(&self) -> bool {
         self.raised
     }
 
-    /// The device is served: back to normal priority.
-    pub fn lower(&mut self) {
-        for &t in &self.tids {
-            let _ = crate::hardening::set_takeover_priority(t, false);
+    /// The device is served (or not to be taken over): each thread's policy back.
+    pub fn lower(&self) {
+        for &(t, before) in &self.threads {
+            let _ = before.set(t);
         }
-        self.raised = false;
     }
 }
 

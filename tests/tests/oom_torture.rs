@@ -49,7 +49,7 @@ fn swap_on_ublk_crypt_survives_overcommit_and_oom() {
 /// used to hold for a restarted daemon is gone (`recover_reserve_mib` 0): the standby already
 /// holds everything it needs (tests/README.md, "Crash and recovery").
 ///
-/// The takeover runs at real-time priority (`hardening::set_takeover_priority`); the test
+/// The takeover runs at real-time priority (`hardening::SchedPolicy::TAKEOVER`); the test
 /// asserts it did (CI once saw a standby never live, with free memory under the min watermark).
 #[test]
 fn swap_on_ublk_crypt_survives_a_daemon_crash() {

@@ -412,7 +412,7 @@ impl Report {
                     "the daemon was recovered after {recovered} of {kills} kills"
                 ));
             }
-            // Each standby takeover at real-time priority (hardening::set_takeover_priority),
+            // Each standby takeover at real-time priority (hardening::SchedPolicy::TAKEOVER),
             // unless the run asked for the normal-priority A/B.
             let want = if self.takeover_normal_priority {
                 "at normal priority"
