@@ -243,11 +243,12 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
         };
         let all = q.io.reads + q.io.writes + q.io.flushes + q.io.discards + q.io.errors;
         println!(
-            "  queue {}:     in the daemon: {:.0} us per read, {:.0} us per write; depth seen {:.1}",
+            "  queue {}:     in the daemon: {:.0} us per read, {:.0} us per write; depth seen {:.1}; {} pieces split across two CPUs",
             q.queue,
             per(q.io.read_service_ns, q.io.reads),
             per(q.io.write_service_ns, q.io.writes),
-            if all == 0 { 0.0 } else { q.io.depth_sum as f64 / all as f64 }
+            if all == 0 { 0.0 } else { q.io.depth_sum as f64 / all as f64 },
+            q.io.split_pieces
         );
         println!(
             "  queue {}:     polled {:.1} s instead of sleeping, {} of {} polls ended by a completion",

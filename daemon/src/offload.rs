@@ -17,6 +17,9 @@
 //! moment swap-out has used up memory. A poll waits in the request itself. Chunks cross threads by
 //! move (they are `Send`), so no memory is shared unsafely.
 //!
+//! A job may also be the tail of a split chunk (`submit_tail`): the queue thread encrypts the
+//! head meanwhile, so a lone large request gets two CPUs without copying.
+//!
 //! Small pieces (a 4 KiB request) are not worth a hand-off each, but at high queue depth they
 //! keep one queue thread busy while the other CPUs idle: `batch.rs` shares them out a batch at
 //! a time, half to a worker in one job chained through the slots (`Job::next`). Which pieces
@@ -34,12 +37,28 @@ use std::sync::{Condvar, Mutex};
 use anyhow::{Context, Result};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use ublk_crypt_crypto::SectorCipher;
-use ublk_crypt_pool::Chunk;
+use ublk_crypt_pool::{Chunk, ChunkTail};
 
 use crate::hardening::{self, Protections};
 
+/// What a job works on: a whole chunk, or the tail of one whose head the queue thread does
+/// meanwhile ([`CryptoWorkers::submit_tail`]).
+enum JobBuf {
+    Whole(Chunk<'static>),
+    Tail(ChunkTail<'static>),
+}
+
+impl JobBuf {
+    fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            JobBuf::Whole(c) => c,
+            JobBuf::Tail(t) => t,
+        }
+    }
+}
+
 struct Job {
-    chunk: Chunk<'static>,
+    buf: JobBuf,
     len: usize,
     sector: u64,
     encrypt: bool,
@@ -149,7 +168,7 @@ impl CryptoWorkers {
         let mut job = s.job.lock().unwrap().take();
         let next = job.as_ref().and_then(|j| j.next);
         if let Some(j) = job.as_mut() {
-            let buf = &mut j.chunk[..j.len];
+            let buf = &mut j.buf.bytes()[..j.len];
             j.ok = if j.encrypt {
                 self.cipher.encrypt(j.sector, buf).is_ok()
             } else {
@@ -175,11 +194,29 @@ impl CryptoWorkers {
         self.submit_batch([slot]);
     }
 
+    /// Like [`CryptoWorkers::submit`], for the tail of a split chunk (its first `len` bytes,
+    /// sector numbers from `sector`); collect it with [`CryptoWorkers::finish_tail`].
+    pub fn submit_tail(
+        &self,
+        slot: usize,
+        tail: ChunkTail<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) {
+        self.park_buf(slot, JobBuf::Tail(tail), len, sector, encrypt);
+        self.submit_batch([slot]);
+    }
+
     /// Puts a job in `slot` without handing it to anyone yet: [`PieceBatch`](crate::batch::PieceBatch) decides at the end
     /// of the queue thread's round whether a worker or the queue thread does it.
     pub fn park(&self, slot: usize, chunk: Chunk<'static>, len: usize, sector: u64, encrypt: bool) {
+        self.park_buf(slot, JobBuf::Whole(chunk), len, sector, encrypt);
+    }
+
+    fn park_buf(&self, slot: usize, buf: JobBuf, len: usize, sector: u64, encrypt: bool) {
         *self.slots[slot].job.lock().unwrap() = Some(Job {
-            chunk,
+            buf,
             len,
             sector,
             encrypt,
@@ -244,12 +281,27 @@ impl CryptoWorkers {
 
     /// Takes the chunk back after the eventfd fired; `ok` is the cipher's verdict.
     pub fn finish(&self, slot: usize) -> (Chunk<'static>, bool) {
+        match self.take_job(slot) {
+            (JobBuf::Whole(c), ok) => (c, ok),
+            (JobBuf::Tail(_), _) => panic!("finish() of a split chunk's tail"),
+        }
+    }
+
+    /// Takes the tail back after the eventfd fired ([`CryptoWorkers::submit_tail`]).
+    pub fn finish_tail(&self, slot: usize) -> (ChunkTail<'static>, bool) {
+        match self.take_job(slot) {
+            (JobBuf::Tail(t), ok) => (t, ok),
+            (JobBuf::Whole(_), _) => panic!("finish_tail() of a whole chunk"),
+        }
+    }
+
+    fn take_job(&self, slot: usize) -> (JobBuf, bool) {
         let job = self.slots[slot]
             .job
             .lock()
             .unwrap()
             .take()
             .expect("finish() after the worker signalled completion");
-        (job.chunk, job.ok)
+        (job.buf, job.ok)
     }
 }

@@ -62,6 +62,7 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
             tag,
             in_flight: &in_flight,
             batch: &batch,
+            counters: io.counters,
             wait: RingPoll { q: &q },
         };
         serve_tag(&q, tag, &io, &backing, crypto)

@@ -3,7 +3,11 @@
 //! run, and the one `tests/no_alloc.rs` drives: only the wait for a worker differs (an io_uring
 //! poll in the daemon, [`WorkerWait`]).
 //!
-//! A piece goes to the crypto workers when [`worth_offloading`] says so — large, and something
+//! A large piece of a request alone on its queue (a lone 1 MiB write at queue depth 1) is cut
+//! in two ([`worth_splitting`]): a worker does the upper half while the queue thread does the
+//! lower, in place (`ChunkHead`/`ChunkTail` of the pool), so one request uses two CPUs.
+//!
+//! Otherwise a piece goes to the crypto workers when [`worth_offloading`] says so — large, and something
 //! could use the queue thread meanwhile: another request of this queue in flight, or
 //! (`crypt_overlapped`) the next piece's backing read. Everything else runs inline: with
 //! nothing else to do, a hand-off only adds two thread wake-ups to the request's latency, which
@@ -23,6 +27,7 @@ use ublk_crypt_pool::Chunk;
 use crate::batch::PieceBatch;
 use crate::io::{InlineCrypto, SectorCrypto};
 use crate::offload::CryptoWorkers;
+use crate::stats::QueueCounters;
 
 /// Pieces smaller than this are encrypted inline: for a 4 KiB IO the hand-off would cost more
 /// than the AES.
@@ -43,6 +48,26 @@ pub fn worth_offloading(len: usize, in_flight: u16, overlapped: bool, worker_idl
 /// Largest piece the queue thread encrypts itself when every worker is busy. Larger ones would
 /// hold it (and every other tag's completions) too long: 64 KiB is ~0.7 ms of AES under TCG.
 pub const MAX_INLINE_WHEN_BUSY: usize = 64 << 10;
+
+/// Pieces of at least this many bytes of a request alone on its queue are cut in two: a crypto
+/// worker does the upper half while the queue thread does the lower ([`worth_splitting`]).
+/// Why: a lone large request (`dd bs=1M oflag=direct`, fio at queue depth 1) had its AES on one
+/// CPU at a time — inline, or whole on a worker while the queue thread only waited for the next
+/// piece's backing IO — where dm-crypt's kcryptd decrypts the pieces of one bio on every CPU
+/// (issue 21 item 4). Smaller pieces stay whole: the hand-off's two wake-ups cost about what
+/// the second CPU saves (a split of swap-in reads, 16–32 KiB, was slower: issue 19, session 15).
+pub const MIN_SPLIT_BYTES: usize = 128 << 10;
+
+/// Where a split piece is cut: a multiple of every sector size, so the upper half starts on a
+/// sector of its own (its IVs are those of a piece starting there).
+const SPLIT_ALIGN: usize = 4096;
+
+/// Whether a piece of `len` bytes is cut in two between the queue thread and a worker: large,
+/// its request alone on the queue (with others in flight, a worker takes it whole and the queue
+/// thread serves them), and a worker idle.
+pub fn worth_splitting(len: usize, in_flight: u16, worker_idle: bool) -> bool {
+    len >= MIN_SPLIT_BYTES && in_flight <= 1 && worker_idle
+}
 
 /// Queue depth from which a small piece of a write (under [`MIN_OFFLOAD_BYTES`]) waits for the
 /// end of the queue thread's round to be shared with a worker (see [`PieceBatch`]). Below it the queue
@@ -115,6 +140,8 @@ pub struct QueueCrypto<'a, W: WorkerWait> {
     pub in_flight: &'a InFlight,
     /// Small pieces shared with a worker at high queue depth.
     pub batch: &'a PieceBatch,
+    /// The queue's counters (`split_pieces`).
+    pub counters: &'a QueueCounters,
     pub wait: W,
 }
 
@@ -163,6 +190,12 @@ impl<W: WorkerWait> QueueCrypto<'_, W> {
                     .await;
             }
         }
+        if let Some(workers) = self
+            .workers
+            .filter(|w| worth_splitting(len, self.in_flight.get(), w.worker_idle()))
+        {
+            return self.split(workers, chunk, len, sector, encrypt).await;
+        }
         let Some(workers) = self
             .workers
             .filter(|w| worth_offloading(len, self.in_flight.get(), overlapped, w.worker_idle()))
@@ -174,6 +207,32 @@ impl<W: WorkerWait> QueueCrypto<'_, W> {
         workers.submit(self.slot, chunk, len, sector, encrypt);
         self.wait.wait(workers, self.slot).await;
         workers.finish(self.slot)
+    }
+
+    /// The upper half of `chunk[..len]` on a worker, the lower half here meanwhile, in place
+    /// (the chunk is split, not copied: `ChunkHead`/`ChunkTail`).
+    async fn split(
+        &self,
+        workers: &CryptoWorkers,
+        chunk: Chunk<'static>,
+        len: usize,
+        sector: u64,
+        encrypt: bool,
+    ) -> (Chunk<'static>, bool) {
+        QueueCounters::add(&self.counters.split_pieces, 1);
+        let at = (len / 2) & !(SPLIT_ALIGN - 1);
+        let (mut head, tail) = chunk.split_at(at);
+        workers.submit_tail(
+            self.slot,
+            tail,
+            len - at,
+            sector + (at >> 9) as u64,
+            encrypt,
+        );
+        let head_ok = InlineCrypto::run(self.cipher, &mut head, sector, encrypt);
+        self.wait.wait(workers, self.slot).await;
+        let (tail, tail_ok) = workers.finish_tail(self.slot);
+        (head.join(tail), head_ok && tail_ok)
     }
 }
 
@@ -217,6 +276,15 @@ mod tests {
         assert!(worth_batching(4096, false, &f), "a deep queue of reads");
         drop(reads);
         drop(parked);
+    }
+
+    #[test]
+    fn only_large_pieces_of_a_lone_request_are_split() {
+        assert!(worth_splitting(MIN_SPLIT_BYTES, 1, true));
+        assert!(worth_splitting(256 << 10, 0, true));
+        assert!(!worth_splitting(MIN_SPLIT_BYTES - 4096, 1, true), "small");
+        assert!(!worth_splitting(256 << 10, 2, true), "others in flight");
+        assert!(!worth_splitting(256 << 10, 1, false), "no worker idle");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct QueueCounters {
     pub poll_ns: AtomicU64,
     pub poll_hits: AtomicU64,
     pub polls: AtomicU64,
+    /// Pieces of a request alone on its queue cut in two, one half on a crypto worker and the
+    /// other on the queue thread (`queue_crypto.rs`, `worth_splitting`): a lone large IO on
+    /// two CPUs.
+    pub split_pieces: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -75,6 +79,8 @@ pub struct QueueSnapshot {
     pub poll_hits: u64,
     #[serde(default)]
     pub polls: u64,
+    #[serde(default)]
+    pub split_pieces: u64,
 }
 
 impl QueueCounters {
@@ -103,6 +109,7 @@ impl QueueCounters {
             poll_ns: self.poll_ns.load(Relaxed),
             poll_hits: self.poll_hits.load(Relaxed),
             polls: self.polls.load(Relaxed),
+            split_pieces: self.split_pieces.load(Relaxed),
         }
     }
 }

@@ -369,3 +369,116 @@ fn misaligned_io_for_4k_sectors_is_rejected_not_corrupted() {
     );
     assert!(backing.data.borrow().iter().all(|&b| b == 0));
 }
+
+/// The wait for a crypto worker as a blocking poll of the slot's eventfd (the daemon polls it
+/// on its ring).
+struct BlockingWait;
+
+impl ublk_crypt::queue_crypto::WorkerWait for BlockingWait {
+    async fn wait(&self, workers: &ublk_crypt::offload::CryptoWorkers, slot: usize) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::BorrowedFd;
+        // SAFETY: the eventfd lives as long as the leaked workers.
+        let fd = unsafe { BorrowedFd::borrow_raw(workers.done_fd(slot)) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::NONE).unwrap(), 1);
+        assert!(workers.take_done(slot));
+    }
+}
+
+/// A lone request's large pieces are cut in two, the upper half on a crypto worker, the lower
+/// on the queue thread (`queue_crypto::worth_splitting`): what lands on the backing is still
+/// exactly dm-crypt's ciphertext, reads give back the plaintext, for sizes around the split
+/// threshold and a 1 MiB request of four pieces, with 512- and 4096-byte sectors; and every
+/// chunk goes back to the pool joined.
+#[test]
+fn a_lone_requests_pieces_split_between_two_threads_keep_the_on_disk_format() {
+    use ublk_crypt::batch::PieceBatch;
+    use ublk_crypt::offload::CryptoWorkers;
+    use ublk_crypt::queue_crypto::{InFlight, QueueCrypto, MIN_SPLIT_BYTES};
+    for sector_size in [512u32, 4096] {
+        let reference = cipher(sector_size);
+        let cipher: &'static SectorCipher = Box::leak(Box::new(cipher(sector_size)));
+        let pool: &'static ReservePool = Box::leak(Box::new(
+            ReservePool::new(PoolConfig {
+                budget_bytes: 2 * (256 << 10),
+                chunk_bytes: 256 << 10,
+                queues: 1,
+                reserve_per_queue: 1,
+                lock: false,
+            })
+            .unwrap(),
+        ));
+        let counters = QueueCounters::default();
+        let log = RateLimit::new(1000);
+        let io = IoPath {
+            pool,
+            queue: 0,
+            data_offset: 4096,
+            readonly: false,
+            allow_discards: false,
+            counters: &counters,
+            error_log: &log,
+        };
+        let protections = ublk_crypt::hardening::Protections { enabled: false };
+        let workers = CryptoWorkers::start(cipher, 1, 1, protections, || {}).unwrap();
+        let in_flight = InFlight::default();
+        let batch = PieceBatch::new(1, 0);
+        let crypto = QueueCrypto {
+            cipher,
+            workers: Some(workers),
+            slot: 0,
+            tag: 0,
+            in_flight: &in_flight,
+            batch: &batch,
+            counters: &counters,
+            wait: BlockingWait,
+        };
+        let backing = MemBacking::new(4 << 20);
+        let min = MIN_SPLIT_BYTES;
+        let mut split = 0;
+        for (i, len) in [
+            min - 4096,
+            min,
+            min + 4096,
+            200 << 10,
+            1 << 20,
+            (1 << 20) + 8192,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let plain = pattern(len, i as u8);
+            let desc = IoDesc {
+                op: op::WRITE,
+                start_sector: 8 * (i as u64 + 1),
+                nr_sectors: (len >> 9) as u32,
+            };
+            let req = MemRequest(RefCell::new(plain.clone()));
+            let w = block_on(in_flight.serving(false, io.handle(&desc, &req, &backing, &crypto)));
+            assert_eq!(w, len as i32);
+            let mut expect = plain.clone();
+            reference.encrypt(desc.start_sector, &mut expect).unwrap();
+            let start = 4096 + ((desc.start_sector as usize) << 9);
+            assert!(
+                backing.data.borrow()[start..start + len] == expect[..],
+                "dm-crypt's ciphertext, {len} bytes, sector size {sector_size}"
+            );
+            let out = MemRequest(RefCell::new(vec![0; len]));
+            let read = IoDesc {
+                op: op::READ,
+                ..desc
+            };
+            let r = block_on(in_flight.serving(true, io.handle(&read, &out, &backing, &crypto)));
+            assert_eq!(r, len as i32);
+            assert!(
+                *out.0.borrow() == plain,
+                "{len} bytes, sector size {sector_size}"
+            );
+            assert_eq!(pool.stats().in_use, 0, "every chunk returned");
+            let now = counters.snapshot().split_pieces;
+            assert_eq!(now > split, len >= min, "{len} bytes: split or not");
+            split = now;
+        }
+    }
+}

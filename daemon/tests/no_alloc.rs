@@ -72,13 +72,22 @@ fn cipher() -> &'static SectorCipher {
 fn drive<C: SectorCrypto>(make_crypto: impl Fn(u16) -> C) {
     // 256 KiB (4 chunks) or 4 KiB.
     let sizes = [512, 512, 512, 512, 8, 8];
-    drive_sized(&sizes, make_crypto, &InFlight::default(), || false)
+    drive_sized(
+        TAGS,
+        65536,
+        &sizes,
+        make_crypto,
+        &InFlight::default(),
+        || false,
+    )
 }
 
-/// `drive` with requests of `sizes` (sectors, in turn), counting the requests being served in
+/// `drive` with `tags` tasks, pool chunks of `chunk_bytes` and requests of `sizes` (sectors, in turn), counting the requests being served in
 /// `in_flight` (as a queue thread's tag loop does), with `end_of_round` run after each executor
 /// pass until it returns false (the queue thread's `PieceBatch::flush`).
 fn drive_sized<C: SectorCrypto>(
+    tags: u16,
+    chunk_bytes: usize,
     sizes: &[u32],
     make_crypto: impl Fn(u16) -> C,
     in_flight: &InFlight,
@@ -87,8 +96,8 @@ fn drive_sized<C: SectorCrypto>(
     // Fewer chunks than tags: tasks must wait for each other's chunks.
     let pool: &'static ReservePool = Box::leak(Box::new(
         ReservePool::new(PoolConfig {
-            budget_bytes: 3 * 65536,
-            chunk_bytes: 65536,
+            budget_bytes: 3 * chunk_bytes,
+            chunk_bytes,
             queues: 1,
             reserve_per_queue: 2,
             lock: false,
@@ -109,8 +118,8 @@ fn drive_sized<C: SectorCrypto>(
     let completions: &'static Completions = Box::leak(Box::new(Completions::default()));
     let mut backing = MemBacking::new(8 << 20);
     backing.completions = Some(completions);
-    let requests: Vec<MemRequest> = (0..TAGS)
-        .map(|t| MemRequest(RefCell::new(vec![t as u8; 256 << 10])))
+    let requests: Vec<MemRequest> = (0..tags)
+        .map(|t| MemRequest(RefCell::new(vec![t as u8; 1 << 20])))
         .collect();
 
     // Each tag runs like serve_tag: a loop over requests, here a fixed mix per round.
@@ -133,7 +142,7 @@ fn drive_sized<C: SectorCrypto>(
             }
         }
     };
-    let exe = TagExecutor::new((0..TAGS).map(task));
+    let exe = TagExecutor::new((0..tags).map(task));
     // The event loop of a queue thread: poll what is ready, then "reap completions".
     // The first pass is warm-up; everything after it is counted.
     exe.run_ready();
@@ -159,9 +168,10 @@ fn drive_sized<C: SectorCrypto>(
     assert_eq!(after - before, 0, "allocations on the IO path");
     let s = counters.snapshot();
     assert_eq!(s.errors, 0);
-    assert!(s.writes > 100 && s.reads > 100, "{s:?}");
+    let per_op = (ROUNDS / 4 * tags as usize) as u64;
+    assert!(s.writes > per_op && s.reads > per_op, "{s:?}");
     assert!(
-        pool.stats().waits > 0,
+        tags <= 3 || pool.stats().waits > 0,
         "tasks really waited for chunks: {:?}",
         pool.stats()
     );
@@ -243,12 +253,21 @@ fn crypto_workers_allocate_nothing_in_steady_state() {
 /// Requests of `sizes` (sectors) through the queue threads' own policy (`QueueCrypto`) with
 /// one crypto worker; returns how often a task waited for the worker.
 fn drive_queue_policy(sizes: &[u32]) -> u64 {
+    drive_queue_policy_with(TAGS, 65536, sizes).0
+}
+
+/// `drive_queue_policy` with `tags` tasks and pool chunks of `chunk_bytes`; returns the waits
+/// for the worker and the pieces split between the queue thread and the worker.
+fn drive_queue_policy_with(tags: u16, chunk_bytes: usize, sizes: &[u32]) -> (u64, u64) {
     let workers = tracked_workers(1);
     let cipher = cipher();
     let batch: &'static PieceBatch = Box::leak(Box::new(PieceBatch::new(TAGS as usize, 0)));
     let in_flight: &'static InFlight = Box::leak(Box::default());
     let waits: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    let counters: &'static QueueCounters = Box::leak(Box::default());
     drive_sized(
+        tags,
+        chunk_bytes,
         sizes,
         |tag| QueueCrypto {
             cipher,
@@ -257,18 +276,33 @@ fn drive_queue_policy(sizes: &[u32]) -> u64 {
             tag,
             in_flight,
             batch,
+            counters,
             wait: PolledWait(waits),
         },
         in_flight,
         || batch.flush(workers),
     );
-    waits.load(Ordering::Relaxed)
+    (
+        waits.load(Ordering::Relaxed),
+        counters.snapshot().split_pieces,
+    )
 }
 
 /// The queue's policy with large and small pieces: inline, alone on a worker, or batched.
 #[test]
 fn the_queue_policy_allocates_nothing_in_steady_state() {
     assert!(drive_queue_policy(&[512, 512, 512, 512, 8, 8]) > 0);
+}
+
+/// A lone request's 256 KiB pieces cut in two, the upper half on the worker (the policy at
+/// queue depth 1): the split and the join allocate nothing either.
+#[test]
+fn split_pieces_of_a_lone_request_allocate_nothing_in_steady_state() {
+    let (waits, split) = drive_queue_policy_with(1, 256 << 10, &[2048, 512, 8]);
+    assert!(
+        split > 0 && waits >= split,
+        "pieces were split: {split}, waits {waits}"
+    );
 }
 
 /// With every tag busy, small pieces are parked and shared out at the end of the round. Only

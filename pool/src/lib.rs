@@ -113,16 +113,18 @@
 //! # Unsafe code
 //!
 //! This crate is ublk-crypt's one home of unsafe memory tricks: the raw mapping and the
-//! intrusive wait list. Every `unsafe` block carries a `// SAFETY:` argument.
+//! intrusive wait list, and a chunk split in two for two threads (`split.rs`). Every `unsafe` block carries a `// SAFETY:` argument.
 
 #![warn(missing_docs)]
 
 mod config;
 mod pool;
 mod region;
+mod split;
 
 pub use config::{
     chunk_bytes_for, PoolConfig, PoolError, CHUNK_ALIGN, DEFAULT_BUDGET_BYTES, DEFAULT_CHUNK_BYTES,
     DEFAULT_RESERVE_PER_QUEUE,
 };
 pub use pool::{Acquire, Chunk, PoolStats, QueueStats, ReservePool};
+pub use split::{ChunkHead, ChunkTail};
