@@ -1,0 +1,21 @@
+//! `layout-check BINARY...`: for each (unstripped) build of the daemon, whether a hot crypto
+//! loop straddles a 4 KiB page, which under qemu's TCG alone moves VM figures by 10–100 %
+//! (`tcg_layout.rs`). Run it on both binaries of a VM A/B before reading its numbers.
+
+#[path = "../tcg_layout.rs"]
+mod tcg_layout;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let bins: Vec<String> = std::env::args().skip(1).collect();
+    if bins.is_empty() {
+        eprintln!("usage: layout-check BINARY...  (e.g. target/release/ublk-crypt)");
+        return ExitCode::from(2);
+    }
+    for b in &bins {
+        println!("{b}: {}", tcg_layout::summary(Path::new(b)));
+    }
+    ExitCode::SUCCESS
+}
