@@ -1,12 +1,14 @@
 //! Which of the daemon's hot crypto loops straddle a 4 KiB page: the one property of a build
 //! that moved TCG figures by 10–100 % with no change in the code that ran.
 //!
-//! Why: qemu's TCG does not chain translation blocks directly across a guest page boundary, so
-//! a hot loop whose body crosses one pays a lookup on every iteration. Any change to the binary
-//! moves every function after it, so a build can read 4 KiB at queue depth 1 20 % slower in the
-//! VM (session 16) or run the torture's verify passes 1.6x slower (session 13) because the
-//! inlined XTS loops of `SectorCipher::crypt` moved across a page. On a real CPU it costs
-//! nothing. A VM figure is the code's only when this says the same for both builds of an A/B.
+//! Why: a build can read 4 KiB at queue depth 1 20 % slower in the VM (session 16) or run the
+//! torture's verify passes 1.6x slower (session 13) with no change in the code that runs: a
+//! never-called function was enough. The suspect: qemu's TCG does not chain translation blocks
+//! directly across a guest page boundary, so a hot loop whose body crosses one pays a lookup on
+//! every iteration, and any change to the binary moves every function after it. In session 16
+//! the slow builds had loops of `SectorCipher::crypt` across a page and the fast one none, but a
+//! fifth build with other loops of it across a page was fast: this lists facts to correlate,
+//! not a verdict. On a real CPU none of it costs anything.
 //!
 //! How: `nm -S -C` for the functions the `portable` tier runs ([`HOT`]), `objdump -d` of each, every backward
 //! jump inside the function is a loop `[target, jump]`; one shorter than [`MAX_LOOP`] whose two

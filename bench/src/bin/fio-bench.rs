@@ -318,7 +318,7 @@ fn main() {
     // TCG's one build-to-build confounder (bench/results/history.md, session 16).
     let _ = writeln!(
         md,
-        "Code layout of this build (TCG is sensitive to it): {}\n",
+        "Code layout of this build (TCG may be sensitive to it; bench/README.md): {}\n",
         tcg_layout::summary(&release_binary("ublk-crypt"))
     );
     let _ = writeln!(

@@ -1,6 +1,6 @@
-//! `layout-check BINARY...`: for each (unstripped) build of the daemon, whether a hot crypto
-//! loop straddles a 4 KiB page, which under qemu's TCG alone moves VM figures by 10–100 %
-//! (`tcg_layout.rs`). Run it on both binaries of a VM A/B before reading its numbers.
+//! `layout-check BINARY...`: for each (unstripped) build of the daemon, which hot crypto loops
+//! straddle a 4 KiB page: the suspect when a build alone moves VM figures by 10–100 % under
+//! qemu's TCG (`tcg_layout.rs`; not proven). Compare both binaries of a VM A/B.
 
 #[path = "../tcg_layout.rs"]
 mod tcg_layout;
