@@ -13,9 +13,6 @@
 //! Under TCG every absolute figure is slow and host-dependent; only ratios inside one run mean
 //! anything, which is why every device runs in the same boot, one after the other.
 
-#[path = "../tcg_layout.rs"]
-mod tcg_layout;
-
 use std::fmt::Write as _;
 use std::process::Command;
 use std::time::Duration;
@@ -314,12 +311,6 @@ fn main() {
     let _ = writeln!(
         md,
         "ublk features in use: {in_use} (the kernel offers: {offered})\n"
-    );
-    // TCG's one build-to-build confounder (bench/results/history.md, session 16).
-    let _ = writeln!(
-        md,
-        "Code layout of this build (TCG may be sensitive to it; bench/README.md): {}\n",
-        tcg_layout::summary(&release_binary("ublk-crypt"))
     );
     let _ = writeln!(
         md,
