@@ -28,11 +28,11 @@ fn cipher(sector_size: u32) -> SectorCipher {
 
 /// The smallest legal pool: one reserve chunk for the single queue plus one shared. Leaked,
 /// like the daemon's: chunks are `Chunk<'static>` so they can move to crypto workers.
-fn tiny_pool() -> &'static ReservePool {
+fn tiny_pool(chunk_bytes: usize) -> &'static ReservePool {
     Box::leak(Box::new(
         ReservePool::new(PoolConfig {
-            budget_bytes: 2 * 65536,
-            chunk_bytes: 65536,
+            budget_bytes: 2 * chunk_bytes,
+            chunk_bytes,
             queues: 1,
             reserve_per_queue: 1,
             lock: false,
@@ -50,9 +50,12 @@ struct Rig {
 
 impl Rig {
     fn new(sector_size: u32) -> Rig {
+        Rig::with_chunks(sector_size, 65536)
+    }
+    fn with_chunks(sector_size: u32, chunk_bytes: usize) -> Rig {
         Rig {
             cipher: cipher(sector_size),
-            pool: tiny_pool(),
+            pool: tiny_pool(chunk_bytes),
             counters: QueueCounters::default(),
             log: RateLimit::new(1000),
         }
@@ -397,29 +400,10 @@ fn a_lone_requests_pieces_split_between_two_threads_keep_the_on_disk_format() {
     use ublk_crypt::offload::CryptoWorkers;
     use ublk_crypt::queue_crypto::{InFlight, QueueCrypto, MIN_SPLIT_BYTES};
     for sector_size in [512u32, 4096] {
-        let reference = cipher(sector_size);
+        let rig = Rig::with_chunks(sector_size, 256 << 10);
+        let io = rig.path(4096, false, false);
+        // The workers need a cipher that lives for ever; the rig's is the reference.
         let cipher: &'static SectorCipher = Box::leak(Box::new(cipher(sector_size)));
-        let pool: &'static ReservePool = Box::leak(Box::new(
-            ReservePool::new(PoolConfig {
-                budget_bytes: 2 * (256 << 10),
-                chunk_bytes: 256 << 10,
-                queues: 1,
-                reserve_per_queue: 1,
-                lock: false,
-            })
-            .unwrap(),
-        ));
-        let counters = QueueCounters::default();
-        let log = RateLimit::new(1000);
-        let io = IoPath {
-            pool,
-            queue: 0,
-            data_offset: 4096,
-            readonly: false,
-            allow_discards: false,
-            counters: &counters,
-            error_log: &log,
-        };
         let protections = ublk_crypt::hardening::Protections { enabled: false };
         let workers = CryptoWorkers::start(cipher, 1, 1, protections, || {}).unwrap();
         let in_flight = InFlight::default();
@@ -431,7 +415,7 @@ fn a_lone_requests_pieces_split_between_two_threads_keep_the_on_disk_format() {
             tag: 0,
             in_flight: &in_flight,
             batch: &batch,
-            counters: &counters,
+            counters: &rig.counters,
             wait: BlockingWait,
         };
         let backing = MemBacking::new(4 << 20);
@@ -458,7 +442,7 @@ fn a_lone_requests_pieces_split_between_two_threads_keep_the_on_disk_format() {
             let w = block_on(in_flight.serving(false, io.handle(&desc, &req, &backing, &crypto)));
             assert_eq!(w, len as i32);
             let mut expect = plain.clone();
-            reference.encrypt(desc.start_sector, &mut expect).unwrap();
+            rig.cipher.encrypt(desc.start_sector, &mut expect).unwrap();
             let start = 4096 + ((desc.start_sector as usize) << 9);
             assert!(
                 backing.data.borrow()[start..start + len] == expect[..],
@@ -475,8 +459,8 @@ fn a_lone_requests_pieces_split_between_two_threads_keep_the_on_disk_format() {
                 *out.0.borrow() == plain,
                 "{len} bytes, sector size {sector_size}"
             );
-            assert_eq!(pool.stats().in_use, 0, "every chunk returned");
-            let now = counters.snapshot().split_pieces;
+            assert_eq!(rig.pool.stats().in_use, 0, "every chunk returned");
+            let now = rig.counters.snapshot().split_pieces;
             assert_eq!(now > split, len >= min, "{len} bytes: split or not");
             split = now;
         }

@@ -112,8 +112,9 @@
 //!
 //! # Unsafe code
 //!
-//! This crate is ublk-crypt's one home of unsafe memory tricks: the raw mapping and the
-//! intrusive wait list, and a chunk split in two for two threads (`split.rs`). Every `unsafe` block carries a `// SAFETY:` argument.
+//! This crate is ublk-crypt's one home of unsafe memory tricks: the raw mapping, the intrusive
+//! wait list, and a chunk split in two for two threads (`split.rs`). Every `unsafe` block
+//! carries a `// SAFETY:` argument.
 
 #![warn(missing_docs)]
 
