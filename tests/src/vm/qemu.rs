@@ -18,6 +18,21 @@ use std::process::{Command, Stdio};
 pub(super) const KERNEL_ARGS: &str =
     "console=ttyS0 panic=-1 oops=panic hung_task_panic=1 softlockup_panic=1 loglevel=5 edd=off";
 
+/// The guest userspace's glibc is told not to use AVX (passed to `/init`, and from it to every
+/// guest program, as an environment variable on the kernel command line). The guest CPU stays
+/// `-cpu max`, so the guest kernel, and dm-crypt with it, keeps its AVX code
+/// (`xts-aes-aesni-avx`).
+///
+/// Why: with AVX, glibc copies and compares with 256-bit instructions, TCG runs those as
+/// 256-bit host code, and on an AVX-512 Intel host that leaves qemu's AES helpers (legacy SSE,
+/// one call per guest AESDEC) stalling on their first load, by an amount that depends on where
+/// the guest's code happens to lie: the daemon's same decrypt took 4.4x as long in one build
+/// as in another (91 % of the helper's samples on that load), and the demo's swap hog 36–38 s
+/// instead of 26–27 s. With this line every build runs alike (bench/results/history.md,
+/// session 17). `UBLK_CRYPT_VM_GUEST_AVX=1` leaves it out.
+pub(super) const GUEST_NO_AVX: &str =
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2,-AVX,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL";
+
 /// One VM at a time, across every test thread and process on this host (a 2-core machine:
 /// two TCG guests at once would each run at half speed and trip each other's timeouts).
 pub(super) fn vm_lock() -> Result<fs::File, VmError> {
@@ -33,6 +48,10 @@ pub(super) fn drive_path(p: &Path) -> String {
 pub(super) fn qemu_command(b: &VmBuilder, prep: &Prepared, interactive: bool) -> Command {
     let mut cmd = Command::new(&prep.env.qemu);
     let mut append = KERNEL_ARGS.to_string();
+    if std::env::var("UBLK_CRYPT_VM_GUEST_AVX").as_deref() != Ok("1") {
+        append.push(' ');
+        append.push_str(GUEST_NO_AVX);
+    }
     for a in &b.kernel_args {
         append.push(' ');
         append.push_str(a);
