@@ -55,8 +55,9 @@ pub const MAX_INLINE_WHEN_BUSY: usize = 64 << 10;
 /// CPU at a time — inline, or whole on a worker while the queue thread only waited for the next
 /// piece's backing IO — where dm-crypt's kcryptd decrypts the pieces of one bio on every CPU
 /// (issue 21 item 4). Smaller pieces stay whole: the hand-off's two wake-ups cost about what
-/// the second CPU saves (a split of swap-in reads, 16–32 KiB, measured slower in session 15; an
-/// A/B that bench/results/history.md, "Session 16", suspects of measuring the build instead).
+/// the second CPU saves: with pieces of >= 16 KiB split, the torture's sequential and reversed
+/// verify passes (swap-in reads of ~28 KiB) took 30 / 23-24 s against 23-25 / 18-19 s
+/// (session 17, tests/README.md, "Scattered swap-in").
 pub const MIN_SPLIT_BYTES: usize = 128 << 10;
 
 /// Where a split piece is cut: a multiple of every sector size, so the upper half starts on a
