@@ -25,10 +25,10 @@ pub(super) const KERNEL_ARGS: &str =
 ///
 /// Why: with AVX, glibc copies and compares with 256-bit instructions, TCG runs those as
 /// 256-bit host code, and on an AVX-512 Intel host that leaves qemu's AES helpers (legacy SSE,
-/// one call per guest AESDEC) stalling on their first load, by an amount that depends on where
-/// the guest's code happens to lie: the daemon's same decrypt took 4.4x as long in one build
-/// as in another (91 % of the helper's samples on that load), and the demo's swap hog 36–38 s
-/// instead of 26–27 s. With this line every build runs alike (bench/results/history.md,
+/// one call per guest AESDEC) stalling on their operand loads, by an amount that depends on
+/// where the guest's code happens to lie: the daemon's same decrypt took 4.4x as long in one
+/// build as in another (91 % of the helper's samples on one load), and the demo's swap hog
+/// 36–38 s instead of 26–27 s. With this line every build runs alike (bench/results/history.md,
 /// session 17). `UBLK_CRYPT_VM_GUEST_AVX=1` leaves it out.
 pub(super) const GUEST_NO_AVX: &str =
     "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2,-AVX,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL";
