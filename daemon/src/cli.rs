@@ -220,6 +220,13 @@ pub struct OpenArgs {
     #[arg(long, default_value_t = 500, value_name = "USEC")]
     pub poll_usec: u32,
 
+    /// Exchange requests with the kernel in batches (`UBLK_F_BATCH_IO`, Linux 7.0 or newer):
+    /// one standing fetch brings each queue's new requests, one command per round commits
+    /// their results, instead of one command per request. Off by default: in the test VM it
+    /// does not beat the per-request commands (bench/README.md, "Batched IO commands").
+    #[arg(long)]
+    pub batch_io: bool,
+
     /// Serve without a standby process. By default a second, pre-locked process stands by and
     /// takes the device over within milliseconds if the daemon dies (even with no free memory),
     /// and makes `upgrade` possible; it adds a few MiB of locked memory (the pool is shared).
@@ -266,6 +273,7 @@ impl OpenArgs {
                 .unwrap_or_else(DeviceConfig::default_crypto_threads),
             pin_queues: self.pin_queues,
             poll_usec: self.poll_usec,
+            batch_io: self.batch_io,
             standby: !self.no_standby,
             protections: !self.test_disable_protections,
             foreground: self.foreground,

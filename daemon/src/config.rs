@@ -53,6 +53,8 @@ pub struct DeviceConfig {
     pub pin_queues: bool,
     /// Longest wait a queue thread polls through before it sleeps, us (0: never polls).
     pub poll_usec: u32,
+    /// Batched ublk IO commands (`--batch-io`, `ublk_batch.rs`).
+    pub batch_io: bool,
     /// A standby process that takes the device over if this daemon dies (`standby.rs`).
     pub standby: bool,
     /// The OOM protections; off only in the torture test.
@@ -103,6 +105,7 @@ impl DeviceConfig {
             crypto_threads: rec.crypto_threads,
             pin_queues: rec.pin_queues,
             poll_usec: rec.poll_usec,
+            batch_io: rec.batch_io,
             standby: rec.standby,
             protections: rec.protections,
             foreground,
@@ -203,6 +206,7 @@ impl DeviceConfig {
             crypto_threads: self.crypto_threads,
             pin_queues: self.pin_queues,
             poll_usec: self.poll_usec,
+            batch_io: self.batch_io,
             standby: self.standby,
             protections: self.protections,
             ephemeral: self.ephemeral,
@@ -261,6 +265,7 @@ mod tests {
             crypto_threads: 2,
             pin_queues: false,
             poll_usec: 200,
+            batch_io: false,
             standby: true,
             protections: true,
             foreground: false,

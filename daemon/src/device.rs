@@ -157,6 +157,7 @@ fn serve(config: DeviceConfig) -> Result<ExitCode> {
     } else {
         Role::Create
     };
+    ublk::check_batch_io(config.batch_io)?;
     let prepared = prepare(config, false)?;
     let Some(readiness) = Readiness::start(prepared.config.foreground)? else {
         return Ok(ExitCode::SUCCESS); // the parent, done
@@ -279,6 +280,7 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
         queues: config.queues,
         depth: config.depth,
         max_io_kib: config.max_io_kib,
+        batch_io: config.batch_io,
     };
     let creating = matches!(role, Role::Create);
     let ctrl = match (&role, config.id) {

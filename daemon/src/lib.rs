@@ -30,4 +30,5 @@ pub mod records;
 pub mod standby;
 pub mod stats;
 pub mod ublk;
+pub mod ublk_batch;
 pub mod ublk_features;

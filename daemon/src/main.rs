@@ -14,6 +14,7 @@
 //! - [`hardening`]: what keeps the daemon alive and out of reclaim under OOM;
 //! - [`readiness`]: logging, forking into the background, telling systemd it is ready;
 //! - [`ublk`]: the kernel side through libublk: driver, device state, attaching, parameters;
+//! - [`ublk_batch`]: batched ublk IO commands (`--batch-io`, 7.0+): one fetch, one commit a round;
 //! - [`ublk_features`]: the ublk features the kernel offers and the device uses, by name;
 //! - [`keyring`]: the key kept in root's keyring for a restarted daemon;
 //! - [`records`]: the run-dir records under `/run/ublk-crypt` that `list`/`close`/`recover` read;

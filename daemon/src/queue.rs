@@ -22,6 +22,7 @@ use crate::offload::CryptoWorkers;
 use crate::poll_window::PollWindow;
 use crate::queue_crypto::{InFlight, QueueCrypto, WorkerWait};
 use crate::stats::QueueCounters;
+use crate::ublk_batch::BatchCommands;
 
 /// One queue thread, once the device exists: its queue (on the ring `queue_threads` made and
 /// warmed), then one task per tag on the allocation-free executor.
@@ -52,6 +53,24 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
         sync_discard: std::cell::Cell::new(false),
     };
     let depth = usize::from(q.dev.dev_info.queue_depth);
+    // The device's flags, as the kernel keeps them, say how it exchanges requests (a daemon
+    // recovering a device follows the one that made it).
+    let batched = if q.dev.dev_info.flags & crate::ublk::BATCH_IO != 0 {
+        match BatchCommands::start(qid, depth as u16) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!("queue {qid}: cannot prepare batched IO commands: {e}");
+                ctx.send(Event::QueueExited(qid));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let commands = match &batched {
+        Some(b) => UblkCommands::Batched(b),
+        None => UblkCommands::PerRequest(&q),
+    };
     let in_flight = InFlight::default();
     let batch = PieceBatch::new(depth, usize::from(qid) * depth);
     let exe = TagExecutor::new(q.tags().map(|tag| {
@@ -65,7 +84,7 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
             counters: io.counters,
             wait: RingPoll { q: &q },
         };
-        serve_tag(&q, tag, &io, &backing, crypto)
+        serve_tag(&q, &commands, tag, &io, &backing, crypto)
     }));
     let poll = PollWindow::new(Duration::from_micros(u64::from(ctx.record.poll_usec)));
     let work_ended: Cell<Option<Instant>> = Cell::new(None);
@@ -83,6 +102,9 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
                 exe.run_ready();
             }
         }
+        if let Some(b) = &batched {
+            b.flush(io.counters);
+        }
         work_ended.set(Some(Instant::now()));
         // Not while crypto workers have jobs: that wait is their AES, long against a wake-up,
         // and a polling queue thread takes a CPU it needs (the 1 MiB jobs, a swap-out's fill).
@@ -90,12 +112,15 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
             poll_ring(poll.window(), io.counters);
         }
     };
-    let r = block_on(libublk::wait_and_handle_io_events(
-        &q,
-        Some(20),
-        round,
-        || exe.all_done(),
-    ));
+    let r = match &batched {
+        None => block_on(libublk::wait_and_handle_io_events(
+            &q,
+            Some(20),
+            round,
+            || exe.all_done(),
+        )),
+        Some(b) => block_on(batched_io_events(&q, b, round, || exe.all_done())),
+    };
     if let Err(e) = r {
         tracing::error!("queue {qid}: {e}");
     }
@@ -129,9 +154,92 @@ fn poll_ring(window: Duration, counters: &QueueCounters) {
     QueueCounters::add(&counters.poll_ns, start.elapsed().as_nanos() as u64);
 }
 
+/// libublk's `wait_and_handle_io_events` for a queue on batched commands: the same loop, with
+/// the batch's completions taken out before libublk wakes futures by slab key, and the queue's
+/// end told by the batch (its fetch aborted) rather than by per-request commands.
+async fn batched_io_events(
+    q: &UblkQueue<'_>,
+    b: &BatchCommands,
+    round: impl Fn(),
+    all_done: impl Fn() -> bool,
+) -> Result<(), UblkError> {
+    let poll_uring = || async {
+        let wait = if b.stopped() && all_done() { 0 } else { 1 };
+        let ts = types::Timespec::new().sec(20);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match libublk::io::with_task_io_ring_mut(|r| r.submitter().submit_with_args(wait, &args)) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(true),
+            Err(e) => Err(UblkError::IOError(e)),
+            Ok(_) if b.stopped() => Err(UblkError::QueueIsDown),
+            Ok(_) => Ok(false),
+        }
+    };
+    let reap = |timed_out| {
+        libublk::uring_async::ublk_reap_io_events_with_update_queue(q, timed_out, None, |cqe| {
+            if !b.handle_cqe(cqe) {
+                libublk::uring_async::ublk_wake_task(cqe.user_data(), cqe);
+            }
+        })
+        .map(|aborted| aborted || b.stopped())
+    };
+    libublk::run_uring_tasks(poll_uring, reap, round, &all_done).await
+}
+
+/// How a queue exchanges requests with the kernel.
+enum UblkCommands<'a> {
+    /// One ublk command per tag: FETCH, then COMMIT_AND_FETCH for each request.
+    PerRequest(&'a UblkQueue<'a>),
+    /// `UBLK_F_BATCH_IO`: one fetch for all tags, one commit per round (`ublk_batch.rs`).
+    Batched(&'a BatchCommands),
+}
+
+impl UblkCommands<'_> {
+    /// Commits `result` for `tag`'s request (`None`: it has none yet) and waits for its next
+    /// request; `false`: the queue stops.
+    async fn next_request(&self, tag: u16, result: Option<i32>, counters: &QueueCounters) -> bool {
+        let q = match self {
+            UblkCommands::Batched(b) => {
+                if let Some(r) = result {
+                    b.complete(tag, r);
+                }
+                return b.next_request(tag).await;
+            }
+            UblkCommands::PerRequest(q) => q,
+        };
+        loop {
+            let fetched = match result {
+                None => {
+                    q.submit_io_prep_cmd(tag, BufDesc::Slice(&[]), -1, None)
+                        .await
+                }
+                Some(res) => q.submit_io_commit_cmd(tag, BufDesc::Slice(&[]), res).await,
+            };
+            match fetched {
+                Ok(r) if r >= 0 => return true,
+                // The command itself failed, so nothing was fetched and a commit did not land:
+                // its request is still ours. ENOMEM/EAGAIN are io_uring short of memory for a
+                // moment; giving up would leave that request (a swap bio, maybe) pending for ever.
+                Ok(r) if r == -libc::ENOMEM || r == -libc::EAGAIN || r == -libc::EINTR => {
+                    QueueCounters::add(&counters.command_retries, 1);
+                }
+                Ok(r) => {
+                    tracing::error!("tag {tag}: ublk command failed: errno {}", -r);
+                    return false;
+                }
+                Err(UblkError::QueueIsDown) => return false,
+                Err(e) => {
+                    tracing::error!("tag {tag}: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// One tag's life: fetch a request, serve it, commit the result (which fetches the next).
 async fn serve_tag(
     q: &UblkQueue<'_>,
+    commands: &UblkCommands<'_>,
     tag: u16,
     io: &IoPath<'_>,
     backing: &UringBacking<'_>,
@@ -145,31 +253,8 @@ async fn serve_tag(
     // The command in flight: `None` the first fetch, `Some(res)` a commit of `res` (and fetch).
     let mut command: Option<i32> = None;
     loop {
-        let fetched = match command {
-            None => {
-                q.submit_io_prep_cmd(tag, BufDesc::Slice(&[]), -1, None)
-                    .await
-            }
-            Some(res) => q.submit_io_commit_cmd(tag, BufDesc::Slice(&[]), res).await,
-        };
-        match fetched {
-            Ok(r) if r >= 0 => {}
-            // The command itself failed, so nothing was fetched and a commit did not land: its
-            // request is still ours. ENOMEM/EAGAIN are io_uring short of memory for a moment;
-            // giving up would leave that request (a swap bio, maybe) pending for ever.
-            Ok(r) if r == -libc::ENOMEM || r == -libc::EAGAIN || r == -libc::EINTR => {
-                QueueCounters::add(&io.counters.command_retries, 1);
-                continue;
-            }
-            Ok(r) => {
-                tracing::error!("tag {tag}: ublk command failed: errno {}", -r);
-                return;
-            }
-            Err(UblkError::QueueIsDown) => return,
-            Err(e) => {
-                tracing::error!("tag {tag}: {e}");
-                return;
-            }
+        if !commands.next_request(tag, command, io.counters).await {
+            return;
         }
         let iod = q.get_iod(tag);
         let desc = IoDesc {

@@ -52,6 +52,9 @@ pub struct DeviceRecord {
     /// (`poll_window.rs`); 0 (and a record from before it existed): never polls.
     #[serde(default)]
     pub poll_usec: u32,
+    /// `--batch-io`: batched ublk IO commands (`ublk_batch.rs`); false in a record from before.
+    #[serde(default)]
+    pub batch_io: bool,
     /// Whether the daemon keeps a standby (`--no-standby`: not).
     #[serde(default = "yes")]
     pub standby: bool,
@@ -221,6 +224,7 @@ mod tests {
             crypto_threads: 2,
             pin_queues: false,
             poll_usec: 200,
+            batch_io: false,
             standby: true,
             protections: true,
             ephemeral: true,

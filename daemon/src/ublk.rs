@@ -38,6 +38,21 @@ pub fn check_driver() -> Result<()> {
     Ok(())
 }
 
+/// `UBLK_F_BATCH_IO` (7.0): the queues fetch and commit requests in batches (`ublk_batch.rs`).
+pub const BATCH_IO: u64 = sys::UBLK_F_BATCH_IO as u64;
+
+/// `--batch-io` on a kernel without batched IO commands is refused before anything exists (a
+/// 6.12 driver would drop the unknown flag and then reject the batch commands).
+pub fn check_batch_io(wanted: bool) -> Result<()> {
+    if wanted && UblkCtrl::get_features().is_none_or(|f| f & BATCH_IO == 0) {
+        bail!(
+            "--batch-io: this kernel's ublk driver has no batched IO commands \
+             (UBLK_F_BATCH_IO, Linux 7.0 or newer)"
+        );
+    }
+    Ok(())
+}
+
 /// What the kernel says about an existing ublk device.
 pub struct DeviceState {
     pub quiesced: bool,
@@ -99,6 +114,8 @@ pub struct Shape {
     pub queues: u16,
     pub depth: u16,
     pub max_io_kib: u32,
+    /// Batched IO commands (`UBLK_F_BATCH_IO`, `ublk_batch.rs`).
+    pub batch_io: bool,
 }
 
 /// Adds a new device (`id`: the one asked for, or `None` for the kernel's pick).
@@ -173,7 +190,7 @@ fn ctrl(id: i32, queues: u16, shape: &Shape, how: UblkFlags) -> Result<UblkCtrl,
         .nr_queues(queues)
         .depth(shape.depth)
         .io_buf_bytes(shape.max_io_kib << 10)
-        .ctrl_flags(u64::from(CTRL_FLAGS))
+        .ctrl_flags(u64::from(CTRL_FLAGS) | if shape.batch_io { BATCH_IO } else { 0 })
         .dev_flags(how)
         .build()
 }
