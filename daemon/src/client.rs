@@ -257,6 +257,23 @@ pub fn status(device: &str, json: bool) -> Result<ExitCode> {
             q.io.poll_hits,
             q.io.polls
         );
+        if q.io.batch_commits > 0 {
+            let per = |n: u64| {
+                if n == 0 {
+                    0.0
+                } else {
+                    all as f64 / n as f64
+                }
+            };
+            println!(
+                "  queue {}:     batched IO: {} fetch completions, {} commits ({:.1} / {:.1} requests each)",
+                q.queue,
+                q.io.batch_fetches,
+                q.io.batch_commits,
+                per(q.io.batch_fetches),
+                per(q.io.batch_commits)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

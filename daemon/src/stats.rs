@@ -47,6 +47,10 @@ pub struct QueueCounters {
     /// other on the queue thread (`queue_crypto.rs`, `worth_splitting`): a lone large IO on
     /// two CPUs.
     pub split_pieces: AtomicU64,
+    /// `--batch-io`: completions of the standing fetch that brought requests, and commit
+    /// commands submitted: next to reads + writes + ..., how many requests each command served.
+    pub batch_fetches: AtomicU64,
+    pub batch_commits: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -81,6 +85,10 @@ pub struct QueueSnapshot {
     pub polls: u64,
     #[serde(default)]
     pub split_pieces: u64,
+    #[serde(default)]
+    pub batch_fetches: u64,
+    #[serde(default)]
+    pub batch_commits: u64,
 }
 
 impl QueueCounters {
@@ -110,6 +118,8 @@ impl QueueCounters {
             poll_hits: self.poll_hits.load(Relaxed),
             polls: self.polls.load(Relaxed),
             split_pieces: self.split_pieces.load(Relaxed),
+            batch_fetches: self.batch_fetches.load(Relaxed),
+            batch_commits: self.batch_commits.load(Relaxed),
         }
     }
 }

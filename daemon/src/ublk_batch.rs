@@ -81,6 +81,8 @@ pub struct BatchCommands {
     commit_due: [Cell<bool>; COMMIT_SLOTS],
     /// The fetch needs arming (at start, and after it ended short of buffers).
     fetch_due: Cell<bool>,
+    /// Fetch completions that brought requests, since the last flush (for the counters).
+    fetches: Cell<u64>,
     ring: FetchRing,
 }
 
@@ -100,6 +102,7 @@ impl BatchCommands {
             commits: std::array::from_fn(|_| RefCell::new(Vec::with_capacity(usize::from(depth)))),
             commit_due: std::array::from_fn(|_| Cell::new(false)),
             fetch_due: Cell::new(true),
+            fetches: Cell::new(0),
             ring,
         };
         let elems: Vec<Elem> = (0..depth)
@@ -156,6 +159,7 @@ impl BatchCommands {
     /// completion left to resubmit, and commits this round's results in one command (if a slot
     /// is free; else at a later round, when one is).
     pub fn flush(&self, counters: &QueueCounters) {
+        QueueCounters::add(&counters.batch_fetches, self.fetches.replace(0));
         if self.fetch_due.replace(false) && !self.stopped.get() {
             push(self.fetch_command());
         }
@@ -174,6 +178,7 @@ impl BatchCommands {
         };
         std::mem::swap(&mut *pending, &mut *self.commits[slot].borrow_mut());
         drop(pending);
+        QueueCounters::add(&counters.batch_commits, 1);
         self.submit_commit(slot);
     }
 
@@ -195,6 +200,7 @@ impl BatchCommands {
     fn fetch_done(&self, res: i32, flags: u32) {
         if let Some(bid) = cqueue::buffer_select(flags) {
             if res > 0 {
+                self.fetches.set(self.fetches.get() + 1);
                 for &tag in self.ring.tags(bid, res as usize / 2) {
                     let t = usize::from(tag);
                     if t < self.fetched.len() {
