@@ -1,6 +1,7 @@
 //! fio side by side, in one VM boot: the raw virtio disk, kernel dm-crypt and ublk-crypt (same
-//! cipher and key size, identical disks), plus ublk-crypt with 4096-byte sectors and with two
-//! queues; the daemon's memory at idle and under load (default and --depth 128); and the
+//! cipher and key size, identical disks), plus ublk-crypt with batched IO commands (`--batch-io`,
+//! on kernels that have them: the A/B against its default per-request commands), with
+//! 4096-byte sectors and with two queues; the daemon's memory at idle and under load (default and --depth 128); and the
 //! crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
 //!
 //! `scripts/bench [--kernel 6.12|newest] [--runtime SECS] [--xts-tier TIER|detected]` (builds
@@ -65,8 +66,13 @@ const JOBS: [Job; 8] = [
 /// runs in the submitter's or the completion's context).
 const NO_WORKQUEUE: &str = "--perf-no_read_workqueue --perf-no_write_workqueue";
 
+/// ublk-crypt with `--batch-io` (batched ublk IO commands, 7.0+): the A/B against the default
+/// per-request commands, on kernels that have them (elsewhere the open is refused and the
+/// device left out).
+const BATCHED: &str = "ublk-crypt-batch";
+
 /// (label, guest commands that open it and set $dev, commands that close it)
-const DEVICES: [(&str, &str, &str); 8] = [
+const DEVICES: [(&str, &str, &str); 9] = [
     ("raw", "dev=/dev/vda", ":"),
     (
         "dm-crypt",
@@ -92,6 +98,11 @@ const DEVICES: [(&str, &str, &str); 8] = [
         "dm-crypt-4k-nowq",
         "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size 4096 $NOWQ --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
         "cryptsetup close dm",
+    ),
+    (
+        BATCHED,
+        "dev=$(ublk-crypt open /dev/vdc -c aes-xts-plain64 -s 512 --key-file /root/key --name b --batch-io 2>/dev/null) || dev=",
+        "ublk-crypt close b",
     ),
     (
         "ublk-crypt-4k",
@@ -133,7 +144,10 @@ vm_section aes-kernel awk '/^name/ {n=$3} /^driver/ {d=$3} /^priority/ {if (n ==
 vm_section cpu-flags sh -c 'grep -m1 "^flags" /proc/cpuinfo | tr " " "\n" | grep -xE "aes|pclmulqdq|avx2|avx512f|vaes|vpclmulqdq" | tr "\n" " "; echo'
 "#;
     for (label, open, close) in DEVICES {
-        let _ = writeln!(s, "{open}\necho \"device {label}: $dev\"");
+        let _ = writeln!(
+            s,
+            "{open}\nif [ -n \"$dev\" ]; then\necho \"device {label}: $dev\""
+        );
         if label == "ublk-crypt" {
             s += "vm_section mem-default-idle mem idle\n";
             s += "vm_section status-ublk ublk-crypt status b --json\n";
@@ -156,7 +170,10 @@ vm_section cpu-flags sh -c 'grep -m1 "^flags" /proc/cpuinfo | tr " " "\n" | grep
                  sleep 4; vm_section mem-default-load mem load; wait"
             );
         }
-        let _ = writeln!(s, "{close}");
+        if label == BATCHED {
+            s += "vm_section status-batch ublk-crypt status b\n";
+        }
+        let _ = writeln!(s, "{close}\nfi");
     }
     // Memory of a deep queue: --depth 128 under 128-deep load.
     s += r#"
@@ -325,6 +342,9 @@ fn main() {
     );
     for job in &JOBS {
         for (label, _, _) in DEVICES {
+            if label == BATCHED && out.section(&format!("fio {label} {}", job.name)).is_none() {
+                continue;
+            }
             let r = get(label, job.name);
             let (dm, nowq) = anchors(label);
             let ratio = |anchor: &str| {
@@ -350,6 +370,43 @@ fn main() {
         }
     }
     let _ = writeln!(md, "\nRatios: against dm-crypt with the same sector size (512, or 4096 for `-4k` rows), in its default configuration and with `{NO_WORKQUEUE}` (`-nowq`).\n");
+    // The A/B of batched IO commands, where the kernel has them.
+    let batched_ran = JOBS
+        .iter()
+        .any(|j| out.section(&format!("fio {BATCHED} {}", j.name)).is_some());
+    if batched_ran {
+        let _ = writeln!(
+            md,
+            "Batched ublk IO commands (`{BATCHED}`: `ublk-crypt --batch-io`, `UBLK_F_BATCH_IO`) against the default per-request commands (`ublk-crypt`), same boot:\n\n| job | per-request MB/s | batched MB/s | batched / per-request |\n|---|---:|---:|---:|"
+        );
+        let _ = writeln!(table, "batched IO commands (--batch-io) / per-request:");
+        for job in &JOBS {
+            let (a, b) = (get("ublk-crypt", job.name), get(BATCHED, job.name));
+            let ratio = if a.iops > 0.0 { b.iops / a.iops } else { 0.0 };
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.1} | {ratio:.2}× |",
+                job.name, a.mbps, b.mbps
+            );
+            let _ = writeln!(table, "  {:<20} {ratio:>6.2}x", job.name);
+            results.insert(
+                format!("{BATCHED}-vs-per-request/{}", job.name),
+                json!(ratio),
+            );
+        }
+        if let Some(line) = out
+            .section("status-batch")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("batched IO:"))
+        {
+            let _ = writeln!(
+                md,
+                "\nRequests per batched command over the whole batched run (its `status`):`{}`\n",
+                line.trim()
+            );
+        }
+    }
     let _ = writeln!(
         md,
         "ublk-crypt daemon memory (KiB):\n\n| configuration | RSS | VmLck |\n|---|---:|---:|"
