@@ -90,6 +90,11 @@ const DEVICES: [(&str, &str, &str); 9] = [
         "ublk-crypt close b",
     ),
     (
+        BATCHED,
+        "dev=$(ublk-crypt open /dev/vdc -c aes-xts-plain64 -s 512 --key-file /root/key --name b --batch-io 2>/dev/null) || dev=",
+        "ublk-crypt close b",
+    ),
+    (
         "dm-crypt-4k",
         "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size 4096 --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
         "cryptsetup close dm",
@@ -98,11 +103,6 @@ const DEVICES: [(&str, &str, &str); 9] = [
         "dm-crypt-4k-nowq",
         "cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size 4096 $NOWQ --key-file /root/key /dev/vdb dm; dev=/dev/mapper/dm",
         "cryptsetup close dm",
-    ),
-    (
-        BATCHED,
-        "dev=$(ublk-crypt open /dev/vdc -c aes-xts-plain64 -s 512 --key-file /root/key --name b --batch-io 2>/dev/null) || dev=",
-        "ublk-crypt close b",
     ),
     (
         "ublk-crypt-4k",
