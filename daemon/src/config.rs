@@ -55,6 +55,8 @@ pub struct DeviceConfig {
     pub poll_usec: u32,
     /// Batched ublk IO commands (`--batch-io`, `ublk_batch.rs`).
     pub batch_io: bool,
+    /// Threads per queue (`--threads-per-queue`; above 1 the kernel's per-IO daemons).
+    pub threads_per_queue: u16,
     /// A standby process that takes the device over if this daemon dies (`standby.rs`).
     pub standby: bool,
     /// The OOM protections; off only in the torture test.
@@ -106,6 +108,7 @@ impl DeviceConfig {
             pin_queues: rec.pin_queues,
             poll_usec: rec.poll_usec,
             batch_io: rec.batch_io,
+            threads_per_queue: rec.threads_per_queue,
             standby: rec.standby,
             protections: rec.protections,
             foreground,
@@ -177,6 +180,19 @@ impl DeviceConfig {
                 self.poll_usec
             );
         }
+        if self.threads_per_queue == 0
+            || self.threads_per_queue > MAX_THREADS_PER_QUEUE
+            || self.threads_per_queue > self.depth
+        {
+            bail!(
+                "--threads-per-queue {} is out of range (1..={MAX_THREADS_PER_QUEUE}, at most \
+                 --depth)",
+                self.threads_per_queue
+            );
+        }
+        if self.threads_per_queue > 1 && self.batch_io {
+            bail!("--threads-per-queue above 1 and --batch-io do not go together (the kernel's per-IO daemons are not for batched commands)");
+        }
         self.layout.validate()?;
         Ok(())
     }
@@ -207,6 +223,7 @@ impl DeviceConfig {
             pin_queues: self.pin_queues,
             poll_usec: self.poll_usec,
             batch_io: self.batch_io,
+            threads_per_queue: self.threads_per_queue,
             standby: self.standby,
             protections: self.protections,
             ephemeral: self.ephemeral,
@@ -221,6 +238,9 @@ pub const MAX_ID: u32 = (1 << 20) - 1;
 pub const MAX_POOL_MIB: usize = 4096;
 /// `--poll-usec`: 10 ms, far beyond any wait worth a spinning CPU (an SSD read is ~0.1 ms).
 pub const MAX_POLL_USEC: u32 = 10_000;
+/// `--threads-per-queue`: each thread has a locked stack and a ring; past the CPUs a daemon
+/// would use, more threads only take turns.
+pub const MAX_THREADS_PER_QUEUE: u16 = 8;
 /// Crypto workers: each has a locked stack; more than there are CPUs only adds switches.
 pub const MAX_CRYPTO_THREADS: usize = 64;
 
@@ -266,6 +286,7 @@ mod tests {
             pin_queues: false,
             poll_usec: 200,
             batch_io: false,
+            threads_per_queue: 1,
             standby: true,
             protections: true,
             foreground: false,
@@ -290,6 +311,18 @@ mod tests {
         assert!(e(|c| c.name = Some("a/b".into())).contains("--name"));
         assert!(e(|c| c.layout.sector_size = 1000).contains("1000"));
         assert!(e(|c| c.poll_usec = MAX_POLL_USEC + 1).contains("--poll-usec 10001"));
+        assert!(e(|c| c.threads_per_queue = 0).contains("--threads-per-queue 0"));
+        assert!(e(|c| c.threads_per_queue = 9).contains("--threads-per-queue 9"));
+        assert!(e(|c| {
+            c.depth = 2;
+            c.threads_per_queue = 3
+        })
+        .contains("at most --depth"));
+        assert!(e(|c| {
+            c.threads_per_queue = 2;
+            c.batch_io = true
+        })
+        .contains("--batch-io"));
     }
 
     #[test]

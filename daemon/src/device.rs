@@ -157,7 +157,7 @@ fn serve(config: DeviceConfig) -> Result<ExitCode> {
     } else {
         Role::Create
     };
-    ublk::check_batch_io(config.batch_io)?;
+    ublk::check_kernel_offers(config.batch_io, config.threads_per_queue)?;
     let prepared = prepare(config, false)?;
     let Some(readiness) = Readiness::start(prepared.config.foreground)? else {
         return Ok(ExitCode::SUCCESS); // the parent, done
@@ -274,13 +274,19 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
             || {},
         )?),
     };
-    let threads = QueueThreads::spawn(config.queues, config.depth, protections)?;
+    let threads = QueueThreads::spawn(
+        config.queues,
+        config.threads_per_queue,
+        config.depth,
+        protections,
+    )?;
 
     let shape = ublk::Shape {
         queues: config.queues,
         depth: config.depth,
         max_io_kib: config.max_io_kib,
         batch_io: config.batch_io,
+        threads_per_queue: config.threads_per_queue,
     };
     let creating = matches!(role, Role::Create);
     let ctrl = match (&role, config.id) {
@@ -318,7 +324,9 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
         error_log: RateLimit::new(1000),
         protections,
         events: tx,
-        queue_tids: (0..config.queues).map(|_| AtomicI32::new(0)).collect(),
+        queue_tids: (0..config.queues * config.threads_per_queue)
+            .map(|_| AtomicI32::new(0))
+            .collect(),
         standby: StandbyState {
             enabled: config.standby,
             pool_fd,

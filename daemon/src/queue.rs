@@ -27,7 +27,9 @@ use crate::ublk_batch::BatchCommands;
 /// One queue thread, once the device exists: its queue (on the ring `queue_threads` made and
 /// warmed), then one task per tag on the allocation-free executor.
 pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
-    ctx.queue_tids[usize::from(qid)].store(nix::unistd::gettid().as_raw(), Ordering::Release);
+    let thread = usize::from(qid) * usize::from(ctx.record.threads_per_queue)
+        + usize::from(libublk::io::io_thread_idx());
+    ctx.queue_tids[thread].store(nix::unistd::gettid().as_raw(), Ordering::Release);
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
         Err(e) => {

@@ -31,6 +31,7 @@ struct Start {
 
 /// One waiting queue thread.
 struct Waiting {
+    qid: u16,
     tid: i32,
     start: mpsc::SyncSender<Start>,
     handle: JoinHandle<()>,
@@ -42,14 +43,23 @@ pub struct QueueThreads {
 }
 
 impl QueueThreads {
-    /// One thread per queue, each with its ring made and warmed for `depth` tags, waiting.
-    pub fn spawn(queues: u16, depth: u16, protections: Protections) -> Result<QueueThreads> {
-        let mut threads = Vec::with_capacity(usize::from(queues));
-        for qid in 0..queues {
+    /// `per_queue` threads per queue (thread `t` serves its share of the queue's tags:
+    /// libublk's partition), each with its ring made and warmed for `depth` tags, waiting.
+    pub fn spawn(
+        queues: u16,
+        per_queue: u16,
+        depth: u16,
+        protections: Protections,
+    ) -> Result<QueueThreads> {
+        let mut threads = Vec::with_capacity(usize::from(queues) * usize::from(per_queue));
+        for (qid, t) in (0..queues).flat_map(|q| (0..per_queue).map(move |t| (q, t))) {
             let (start, started) = mpsc::sync_channel::<Start>(1);
             let (ready_tx, ready) = mpsc::sync_channel::<Result<i32, String>>(1);
             let handle = std::thread::Builder::new()
-                .name(format!("ublk-crypt-q{qid}"))
+                .name(match t {
+                    0 => format!("ublk-crypt-q{qid}"),
+                    t => format!("ublk-crypt-q{qid}.{t}"),
+                })
                 .stack_size(hardening::THREAD_STACK_BYTES)
                 .spawn(move || {
                     let made = hardening::protect_io_thread(protections)
@@ -61,6 +71,8 @@ impl QueueThreads {
                     // Dropped without a start: the device never came (or this process is a
                     // standby that was not needed); the thread just ends.
                     if let (true, Ok(s)) = (ok, started.recv()) {
+                        // Read by `UblkQueue::new` to pick this thread's tags.
+                        libublk::io::set_io_thread_idx(t);
                         queue::serve_queue(qid, &s.dev, s.ctx);
                     }
                 })
@@ -70,12 +82,17 @@ impl QueueThreads {
                 Ok(Err(e)) => bail!("queue {qid}: {e}"),
                 Err(_) => bail!("queue {qid}: the thread ended during set-up"),
             };
-            threads.push(Waiting { tid, start, handle });
+            threads.push(Waiting {
+                qid,
+                tid,
+                start,
+                handle,
+            });
         }
         Ok(QueueThreads { threads })
     }
 
-    /// The threads' tids, in queue order.
+    /// The threads' tids, in queue order (a queue's threads in a row).
     pub fn tids(&self) -> impl Iterator<Item = i32> + '_ {
         self.threads.iter().map(|t| t.tid)
     }
@@ -89,8 +106,8 @@ impl QueueThreads {
         ctx: &'static DeviceContext,
     ) -> Vec<JoinHandle<()>> {
         let mut handles = Vec::with_capacity(self.threads.len());
-        for (qid, t) in self.threads.into_iter().enumerate() {
-            let qid = qid as u16;
+        for t in self.threads {
+            let qid = t.qid;
             ctrl.set_thread_affinity(qid, t.tid);
             if let Err(e) = ctrl.configure_queue(dev, qid, t.tid) {
                 tracing::warn!("queue {qid}: libublk configure_queue: {e}");

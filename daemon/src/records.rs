@@ -13,6 +13,10 @@ fn yes() -> bool {
     true
 }
 
+fn one() -> u16 {
+    1
+}
+
 fn run_dir() -> PathBuf {
     // Tests point this elsewhere; production always uses RUN_DIR.
     std::env::var_os("UBLK_CRYPT_RUN_DIR")
@@ -55,6 +59,9 @@ pub struct DeviceRecord {
     /// `--batch-io`: batched ublk IO commands (`ublk_batch.rs`); false in a record from before.
     #[serde(default)]
     pub batch_io: bool,
+    /// `--threads-per-queue`; 1 in a record from before it existed.
+    #[serde(default = "one")]
+    pub threads_per_queue: u16,
     /// Whether the daemon keeps a standby (`--no-standby`: not).
     #[serde(default = "yes")]
     pub standby: bool,
@@ -225,6 +232,7 @@ mod tests {
             pin_queues: false,
             poll_usec: 200,
             batch_io: false,
+            threads_per_queue: 1,
             standby: true,
             protections: true,
             ephemeral: true,

@@ -1,5 +1,5 @@
-//! Per-queue counters, written by the queue's own thread with relaxed atomics (no contention:
-//! one writer each) and read by the control plane for `status`.
+//! Per-queue counters, written by the queue's own thread (its threads, with
+//! `--threads-per-queue`) with relaxed atomics and read by the control plane for `status`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

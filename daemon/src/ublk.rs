@@ -41,13 +41,27 @@ pub fn check_driver() -> Result<()> {
 /// `UBLK_F_BATCH_IO` (7.0): the queues fetch and commit requests in batches (`ublk_batch.rs`).
 pub const BATCH_IO: u64 = sys::UBLK_F_BATCH_IO as u64;
 
-/// `--batch-io` on a kernel without batched IO commands is refused before anything exists (a
-/// 6.12 driver would drop the unknown flag and then reject the batch commands).
-pub fn check_batch_io(wanted: bool) -> Result<()> {
-    if wanted && UblkCtrl::get_features().is_none_or(|f| f & BATCH_IO == 0) {
+/// `UBLK_F_PER_IO_DAEMON` (6.16): any thread may serve any tag, so a queue can have several.
+pub const PER_IO_DAEMON: u64 = 1 << 13;
+
+/// What the kernel must offer for `--batch-io` and `--threads-per-queue` above 1, checked
+/// before anything exists: a 6.12 driver would drop the unknown batch flag and then reject the
+/// batch commands, and libublk checks per-IO daemons only once the device is made.
+pub fn check_kernel_offers(batch_io: bool, threads_per_queue: u16) -> Result<()> {
+    if !batch_io && threads_per_queue <= 1 {
+        return Ok(());
+    }
+    let offered = UblkCtrl::get_features().unwrap_or(0);
+    if batch_io && offered & BATCH_IO == 0 {
         bail!(
             "--batch-io: this kernel's ublk driver has no batched IO commands \
              (UBLK_F_BATCH_IO, Linux 7.0 or newer)"
+        );
+    }
+    if threads_per_queue > 1 && offered & PER_IO_DAEMON == 0 {
+        bail!(
+            "--threads-per-queue {threads_per_queue}: this kernel's ublk driver serves each \
+             queue from one thread only (UBLK_F_PER_IO_DAEMON, Linux 6.16 or newer)"
         );
     }
     Ok(())
@@ -116,6 +130,8 @@ pub struct Shape {
     pub max_io_kib: u32,
     /// Batched IO commands (`UBLK_F_BATCH_IO`, `ublk_batch.rs`).
     pub batch_io: bool,
+    /// Threads per queue (above 1: the kernel's per-IO daemons).
+    pub threads_per_queue: u16,
 }
 
 /// Adds a new device (`id`: the one asked for, or `None` for the kernel's pick).
@@ -192,6 +208,7 @@ fn ctrl(id: i32, queues: u16, shape: &Shape, how: UblkFlags) -> Result<UblkCtrl,
         .io_buf_bytes(shape.max_io_kib << 10)
         .ctrl_flags(u64::from(CTRL_FLAGS) | if shape.batch_io { BATCH_IO } else { 0 })
         .dev_flags(how)
+        .io_threads_per_queue(shape.threads_per_queue)
         .build()
 }
 

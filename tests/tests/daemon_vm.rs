@@ -533,6 +533,76 @@ fn batch_io_round_trips_and_survives_takeover_upgrade_and_recovery() {
     assert!(out.section("after-kill").unwrap().contains("no daemon"));
 }
 
+/// `--threads-per-queue 2` (the kernel's per-IO daemons, 6.16+). On the newest kernel: both
+/// threads of the queue exist and serve (fio verify, 4 KiB–1 MiB, QD32, reads and writes),
+/// and the standby takes over a killed daemon with both (verify after). On 6.12: one clear
+/// line, exit 1, nothing left behind.
+#[test]
+fn threads_per_queue_round_trip_and_survive_a_takeover() {
+    if !vm_or_skip("threads_per_queue_round_trip_and_survive_a_takeover") {
+        return;
+    }
+    let out = vm()
+        .memory_mib(512)
+        .cpus(2)
+        .disk_mib(160)
+        .host_tool("fio")
+        .timeout(Duration::from_secs(600))
+        .run(
+            r#"
+            if ! dev=$(ublk-crypt open /dev/vda --key-file /dev/urandom --name tq --threads-per-queue 2 2> /tmp/open.err); then
+                vm_section refusal cat /tmp/open.err
+                vm_section leftovers sh -c 'ls /dev/ublkb* /run/ublk-crypt/*.json 2>/dev/null; echo end'
+                exit 0
+            fi
+            pid=$(grep -o '"pid": *[0-9]*' /run/ublk-crypt/*.json | grep -o '[0-9]*$')
+            vm_section threads sh -c "cat /proc/$pid/task/*/comm | grep ublk-crypt-q | sort"
+            job="--name=v --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=randrw --bsrange=4k-1m --size=64M --verify=crc32c --randrepeat=1"
+            fio $job --do_verify=1 --verify_fatal=1 > /tmp/v1.log 2>&1 || { cat /tmp/v1.log; exit 1; }
+            echo "verify ok: two threads"
+            fio --name=w --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=write --bs=64k --size=120M --offset=32M --verify=crc32c --do_verify=0 > /tmp/w.log 2>&1 &
+            fio_pid=$!
+            sleep 2
+            kill -9 $pid
+            wait $fio_pid
+            fio --name=w --filename=$dev --direct=1 --ioengine=io_uring --iodepth=32 --rw=write --bs=64k --size=120M --offset=32M --verify=crc32c --verify_only=1 --verify_fatal=1 > /tmp/v2.log 2>&1 || { cat /tmp/v2.log; exit 1; }
+            echo "verify ok: takeover"
+            pid=$(grep -o '"pid": *[0-9]*' /run/ublk-crypt/*.json | grep -o '[0-9]*$')
+            vm_section threads-after sh -c "cat /proc/$pid/task/*/comm | grep ublk-crypt-q | sort"
+            ublk-crypt close tq
+            echo "threads per queue done"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let env = VmEnv::get().unwrap();
+    if env.choice == KernelChoice::Debian12 {
+        let refusal = out
+            .section("refusal")
+            .expect("6.12 refuses --threads-per-queue 2");
+        assert_eq!(
+            refusal.trim(),
+            "ublk-crypt: --threads-per-queue 2: this kernel's ublk driver serves each queue \
+             from one thread only (UBLK_F_PER_IO_DAEMON, Linux 6.16 or newer)"
+        );
+        assert_eq!(out.section("leftovers").unwrap().trim(), "end");
+        return;
+    }
+    for marker in [
+        "verify ok: two threads",
+        "verify ok: takeover",
+        "threads per queue done",
+    ] {
+        assert!(out.console.contains(marker), "missing: {marker}");
+    }
+    for section in ["threads", "threads-after"] {
+        assert_eq!(
+            out.section(section).unwrap().trim(),
+            "ublk-crypt-q0\nublk-crypt-q0.1",
+            "{section}"
+        );
+    }
+}
+
 /// A recovery that fails half way leaves the device recoverable (issue 18 item 3): a device
 /// with an ephemeral key and 8 MiB written, its daemon killed; a `recover` that fails just
 /// before START_USER_RECOVERY, one that fails just after it (the daemon's test hook), and one

@@ -1,7 +1,8 @@
 //! fio side by side, in one VM boot: the raw virtio disk, kernel dm-crypt and ublk-crypt (same
 //! cipher and key size, identical disks), plus ublk-crypt with batched IO commands (`--batch-io`,
 //! on kernels that have them: the A/B against its default per-request commands), with
-//! 4096-byte sectors and with two queues; the daemon's memory at idle and under load (default and --depth 128); and the
+//! 4096-byte sectors, with two queues, and with two threads on its one queue (per-IO daemons,
+//! where the kernel has them); the daemon's memory at idle and under load (default and --depth 128); and the
 //! crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
 //!
 //! `scripts/bench [--kernel 6.12|newest] [--runtime SECS] [--xts-tier TIER|detected]` (builds
@@ -70,9 +71,14 @@ const NO_WORKQUEUE: &str = "--perf-no_read_workqueue --perf-no_write_workqueue";
 /// per-request commands, on kernels that have them (elsewhere the open is refused and the
 /// device left out).
 const BATCHED: &str = "ublk-crypt-batch";
+/// ublk-crypt with two threads serving its one queue (`--threads-per-queue 2`, the kernel's
+/// per-IO daemons, 6.16+): the A/B against one thread, where the kernel has them.
+const TWO_THREADS: &str = "ublk-crypt-2t";
+/// The rows of devices that only some kernels have: left out where the open was refused.
+const OPTIONAL: [&str; 2] = [BATCHED, TWO_THREADS];
 
 /// (label, guest commands that open it and set $dev, commands that close it)
-const DEVICES: [(&str, &str, &str); 9] = [
+const DEVICES: [(&str, &str, &str); 10] = [
     ("raw", "dev=/dev/vda", ":"),
     (
         "dm-crypt",
@@ -112,6 +118,11 @@ const DEVICES: [(&str, &str, &str); 9] = [
     (
         "ublk-crypt-2q",
         "dev=$(ublk-crypt open /dev/vdc -s 512 --queues 2 --key-file /root/key --name b)",
+        "ublk-crypt close b",
+    ),
+    (
+        TWO_THREADS,
+        "dev=$(ublk-crypt open /dev/vdc -s 512 --threads-per-queue 2 --key-file /root/key --name b 2>/dev/null) || dev=",
         "ublk-crypt close b",
     ),
 ];
@@ -342,7 +353,9 @@ fn main() {
     );
     for job in &JOBS {
         for (label, _, _) in DEVICES {
-            if label == BATCHED && out.section(&format!("fio {label} {}", job.name)).is_none() {
+            if OPTIONAL.contains(&label)
+                && out.section(&format!("fio {label} {}", job.name)).is_none()
+            {
                 continue;
             }
             let r = get(label, job.name);
@@ -370,18 +383,33 @@ fn main() {
         }
     }
     let _ = writeln!(md, "\nRatios: against dm-crypt with the same sector size (512, or 4096 for `-4k` rows), in its default configuration and with `{NO_WORKQUEUE}` (`-nowq`).\n");
-    // The A/B of batched IO commands, where the kernel has them.
-    let batched_ran = JOBS
-        .iter()
-        .any(|j| out.section(&format!("fio {BATCHED} {}", j.name)).is_some());
-    if batched_ran {
+    // The A/Bs of the features only newer kernels have, where this one has them: each row
+    // against `ublk-crypt` (per-request commands, one thread per queue) in the same boot.
+    for (label, what, short) in [
+        (
+            BATCHED,
+            "Batched ublk IO commands (`ublk-crypt --batch-io`, `UBLK_F_BATCH_IO`)",
+            "batched",
+        ),
+        (
+            TWO_THREADS,
+            "Two threads serving the one queue (`ublk-crypt --threads-per-queue 2`, per-IO daemons)",
+            "two threads",
+        ),
+    ] {
+        let ran = JOBS
+            .iter()
+            .any(|j| out.section(&format!("fio {label} {}", j.name)).is_some());
+        if !ran {
+            continue;
+        }
         let _ = writeln!(
             md,
-            "Batched ublk IO commands (`{BATCHED}`: `ublk-crypt --batch-io`, `UBLK_F_BATCH_IO`) against the default per-request commands (`ublk-crypt`), same boot:\n\n| job | per-request MB/s | batched MB/s | batched / per-request |\n|---|---:|---:|---:|"
+            "{what} against the default (`ublk-crypt`), same boot:\n\n| job | default MB/s | {short} MB/s | {short} / default |\n|---|---:|---:|---:|"
         );
-        let _ = writeln!(table, "batched IO commands (--batch-io) / per-request:");
+        let _ = writeln!(table, "{label} / ublk-crypt:");
         for job in &JOBS {
-            let (a, b) = (get("ublk-crypt", job.name), get(BATCHED, job.name));
+            let (a, b) = (get("ublk-crypt", job.name), get(label, job.name));
             let ratio = if a.iops > 0.0 { b.iops / a.iops } else { 0.0 };
             let _ = writeln!(
                 md,
@@ -389,23 +417,21 @@ fn main() {
                 job.name, a.mbps, b.mbps
             );
             let _ = writeln!(table, "  {:<20} {ratio:>6.2}x", job.name);
-            results.insert(
-                format!("{BATCHED}-vs-per-request/{}", job.name),
-                json!(ratio),
-            );
+            results.insert(format!("{label}-vs-ublk-crypt/{}", job.name), json!(ratio));
         }
-        if let Some(line) = out
-            .section("status-batch")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.contains("batched IO:"))
-        {
-            let _ = writeln!(
-                md,
-                "\nRequests per batched command over the whole batched run (its `status`):`{}`\n",
-                line.trim()
-            );
-        }
+        let _ = writeln!(md);
+    }
+    if let Some(line) = out
+        .section("status-batch")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("batched IO:"))
+    {
+        let _ = writeln!(
+            md,
+            "Requests per batched command over the whole batched run (its `status`): `{}`\n",
+            line.trim()
+        );
     }
     let _ = writeln!(
         md,
