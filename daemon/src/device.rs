@@ -274,12 +274,7 @@ fn run(prepared: Prepared, readiness: Arc<Mutex<Option<Readiness>>>, role: Role)
             || {},
         )?),
     };
-    let threads = QueueThreads::spawn(
-        config.queues,
-        config.threads_per_queue,
-        config.depth,
-        protections,
-    )?;
+    let threads = QueueThreads::spawn(&config, protections)?;
 
     let shape = ublk::Shape {
         queues: config.queues,

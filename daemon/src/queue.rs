@@ -26,7 +26,14 @@ use crate::ublk_batch::BatchCommands;
 
 /// One queue thread, once the device exists: its queue (on the ring `queue_threads` made and
 /// warmed), then one task per tag on the allocation-free executor.
-pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
+/// `premade`: the batched commands' buffers, made with the ring when the device is to use them
+/// (`--batch-io`); made here if the device turns out to and they were not.
+pub fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    ctx: &'static DeviceContext,
+    premade: Option<BatchCommands>,
+) {
     let thread = usize::from(qid) * usize::from(ctx.record.threads_per_queue)
         + usize::from(libublk::io::io_thread_idx());
     ctx.queue_tids[thread].store(nix::unistd::gettid().as_raw(), Ordering::Release);
@@ -58,7 +65,11 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, ctx: &'static DeviceContext) {
     // The device's flags, as the kernel keeps them, say how it exchanges requests (a daemon
     // recovering a device follows the one that made it).
     let batched = if q.dev.dev_info.flags & crate::ublk::BATCH_IO != 0 {
-        match BatchCommands::start(qid, depth as u16) {
+        let made = match premade {
+            Some(b) => Ok(b),
+            None => BatchCommands::new(qid, depth as u16),
+        };
+        match made.and_then(|b| b.prepare().map(|()| b)) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::error!("queue {qid}: cannot prepare batched IO commands: {e}");

@@ -18,10 +18,12 @@ use libublk::ctrl::UblkCtrl;
 use libublk::io::UblkDev;
 use std::os::fd::AsRawFd;
 
+use crate::config::DeviceConfig;
 use crate::context::DeviceContext;
 use crate::hardening::{self, Protections};
 use crate::queue;
 use crate::ublk::{CQ_ENTRIES_PER_TAG, OPS_PER_TAG};
+use crate::ublk_batch::BatchCommands;
 
 /// What a waiting queue thread is handed: the device, and what the queue threads share.
 struct Start {
@@ -43,14 +45,12 @@ pub struct QueueThreads {
 }
 
 impl QueueThreads {
-    /// `per_queue` threads per queue (thread `t` serves its share of the queue's tags:
-    /// libublk's partition), each with its ring made and warmed for `depth` tags, waiting.
-    pub fn spawn(
-        queues: u16,
-        per_queue: u16,
-        depth: u16,
-        protections: Protections,
-    ) -> Result<QueueThreads> {
+    /// `--threads-per-queue` threads per queue (thread `t` serves its share of the queue's
+    /// tags: libublk's partition), each with its ring made and warmed for `--depth` tags,
+    /// waiting. With `--batch-io`, each also makes its batched commands' buffers.
+    pub fn spawn(config: &DeviceConfig, protections: Protections) -> Result<QueueThreads> {
+        let (queues, per_queue) = (config.queues, config.threads_per_queue);
+        let (depth, batch_io) = (config.depth, config.batch_io);
         let mut threads = Vec::with_capacity(usize::from(queues) * usize::from(per_queue));
         for (qid, t) in (0..queues).flat_map(|q| (0..per_queue).map(move |t| (q, t))) {
             let (start, started) = mpsc::sync_channel::<Start>(1);
@@ -64,16 +64,30 @@ impl QueueThreads {
                 .spawn(move || {
                     let made = hardening::protect_io_thread(protections)
                         .map_err(|e| format!("{e:#}"))
-                        .and_then(|()| make_ring(depth).map_err(|e| format!("io_uring: {e}")));
+                        .and_then(|()| make_ring(depth).map_err(|e| format!("io_uring: {e}")))
+                        .and_then(|()| match batch_io {
+                            true => BatchCommands::new(qid, depth)
+                                .map(Some)
+                                .map_err(|e| format!("batched IO commands: {e}")),
+                            false => Ok(None),
+                        });
                     let tid = nix::unistd::gettid().as_raw();
-                    let ok = made.is_ok();
-                    let _ = ready_tx.send(made.map(|()| tid));
+                    let (ok, premade) = match made {
+                        Ok(b) => (true, b),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            (false, None)
+                        }
+                    };
+                    if ok {
+                        let _ = ready_tx.send(Ok(tid));
+                    }
                     // Dropped without a start: the device never came (or this process is a
                     // standby that was not needed); the thread just ends.
                     if let (true, Ok(s)) = (ok, started.recv()) {
                         // Read by `UblkQueue::new` to pick this thread's tags.
                         libublk::io::set_io_thread_idx(t);
-                        queue::serve_queue(qid, &s.dev, s.ctx);
+                        queue::serve_queue(qid, &s.dev, s.ctx, premade);
                     }
                 })
                 .context("cannot spawn a queue thread")?;

@@ -87,13 +87,13 @@ pub struct BatchCommands {
 }
 
 impl BatchCommands {
-    /// Prepares every tag of queue `qid` with the kernel (`UBLK_U_IO_PREP_IO_CMDS`, which also
-    /// makes the queue ready for START_DEV or the end of a recovery), registers the fetch
-    /// buffers, and leaves the fetch to be armed by the first [`flush`](Self::flush). On the
-    /// queue's thread, before any task runs.
-    pub fn start(qid: u16, depth: u16) -> std::io::Result<BatchCommands> {
+    /// Everything queue `qid`'s batched commands will use, allocated and the fetch buffers
+    /// registered with the thread's ring: on the queue's thread as soon as its ring exists,
+    /// before the device does, so that a standby's takeover (which may come when there is no
+    /// free memory) maps nothing new.
+    pub fn new(qid: u16, depth: u16) -> std::io::Result<BatchCommands> {
         let ring = FetchRing::new(depth)?;
-        let batch = BatchCommands {
+        Ok(BatchCommands {
             qid,
             fetched: (0..depth).map(|_| Cell::new(false)).collect(),
             wakers: (0..depth).map(|_| RefCell::new(None)).collect(),
@@ -104,22 +104,28 @@ impl BatchCommands {
             fetch_due: Cell::new(true),
             fetches: Cell::new(0),
             ring,
-        };
-        let elems: Vec<Elem> = (0..depth)
-            .map(|tag| Elem {
-                tag,
-                ..Elem::default()
-            })
-            .collect();
-        let r = batch.run_sync(batch.command(
-            sys::UBLK_U_IO_PREP_IO_CMDS,
-            &elems,
-            user_data(OP_PREP, 0),
-        ))?;
-        if r < 0 {
-            return Err(std::io::Error::from_raw_os_error(-r));
+        })
+    }
+
+    /// Prepares every tag of the queue with the kernel (`UBLK_U_IO_PREP_IO_CMDS`, which also
+    /// makes the queue ready for START_DEV or the end of a recovery) and leaves the fetch to be
+    /// armed by the first [`flush`](Self::flush). On the queue's thread, before any task runs.
+    pub fn prepare(&self) -> std::io::Result<()> {
+        let depth = self.fetched.len() as u16;
+        // The first commit slot (free until the tasks run) holds the elements.
+        let mut elems = self.commits[0].borrow_mut();
+        elems.clear();
+        elems.extend((0..depth).map(|tag| Elem {
+            tag,
+            ..Elem::default()
+        }));
+        let sqe = self.command(sys::UBLK_U_IO_PREP_IO_CMDS, &elems, user_data(OP_PREP, 0));
+        let r = self.run_sync(sqe);
+        elems.clear();
+        match r? {
+            r if r < 0 => Err(std::io::Error::from_raw_os_error(-r)),
+            _ => Ok(()),
         }
-        Ok(batch)
     }
 
     /// Waits until the kernel delivers a request to `tag`; `false`: the queue stops.
