@@ -72,19 +72,17 @@ impl QueueThreads {
                             false => Ok(None),
                         });
                     let tid = nix::unistd::gettid().as_raw();
-                    let (ok, premade) = match made {
-                        Ok(b) => (true, b),
+                    let premade = match made {
+                        Ok(premade) => premade,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
-                            (false, None)
+                            return;
                         }
                     };
-                    if ok {
-                        let _ = ready_tx.send(Ok(tid));
-                    }
+                    let _ = ready_tx.send(Ok(tid));
                     // Dropped without a start: the device never came (or this process is a
                     // standby that was not needed); the thread just ends.
-                    if let (true, Ok(s)) = (ok, started.recv()) {
+                    if let Ok(s) = started.recv() {
                         // Read by `UblkQueue::new` to pick this thread's tags.
                         libublk::io::set_io_thread_idx(t);
                         queue::serve_queue(qid, &s.dev, s.ctx, premade);

@@ -42,7 +42,7 @@ pub fn check_driver() -> Result<()> {
 pub const BATCH_IO: u64 = sys::UBLK_F_BATCH_IO as u64;
 
 /// `UBLK_F_PER_IO_DAEMON` (6.16): any thread may serve any tag, so a queue can have several.
-pub const PER_IO_DAEMON: u64 = 1 << 13;
+pub const PER_IO_DAEMON: u64 = sys::UBLK_F_PER_IO_DAEMON as u64;
 
 /// What the kernel must offer for `--batch-io` and `--threads-per-queue` above 1, checked
 /// before anything exists: a 6.12 driver would drop the unknown batch flag and then reject the

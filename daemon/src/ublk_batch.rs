@@ -211,8 +211,10 @@ impl BatchCommands {
                     let t = usize::from(tag);
                     if t < self.fetched.len() {
                         self.fetched[t].set(true);
-                        if let Some(w) = self.wakers[t].borrow_mut().take() {
-                            w.wake();
+                        // Woken by reference: the waker stays for the tag's next wait (the
+                        // same task), so `next_request` need not clone it per request.
+                        if let Some(w) = &*self.wakers[t].borrow() {
+                            w.wake_by_ref();
                         }
                     }
                 }
@@ -233,8 +235,8 @@ impl BatchCommands {
         }
         self.stopped.set(true);
         for w in self.wakers.iter() {
-            if let Some(w) = w.borrow_mut().take() {
-                w.wake();
+            if let Some(w) = &*w.borrow() {
+                w.wake_by_ref();
             }
         }
     }

@@ -2,8 +2,8 @@
 //! cipher and key size, identical disks), plus ublk-crypt with batched IO commands (`--batch-io`,
 //! on kernels that have them: the A/B against its default per-request commands), with
 //! 4096-byte sectors, with two queues, and with two threads on its one queue (per-IO daemons,
-//! where the kernel has them); the daemon's memory at idle and under load (default and --depth 128); and the
-//! crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
+//! where the kernel has them); the daemon's memory at idle and under load (default and
+//! --depth 128); and the crypto micro-benchmark. Prints a table and writes Markdown and JSON to bench/results/.
 //!
 //! `scripts/bench [--kernel 6.12|newest] [--runtime SECS] [--xts-tier TIER|detected]` (builds
 //! the release binaries, then runs this once per kernel: the kernel is the harness's
