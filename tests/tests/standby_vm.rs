@@ -48,11 +48,18 @@ fn standby_takes_over_after_kills_and_upgrades_under_a_hog_losing_nothing() {
         s=$(wait_ready_standby 0)
         vm_section first ublk-crypt status sb
         # Its heartbeats on the console: a silent console is how the harness detects a hang.
+        # If they stop for 30 s, the mlocked watchdog dumps blocked tasks and memory every 10 s,
+        # and crashes the guest after 90 s: a freeze fails with its stacks in the log.
+        touch /tmp/heartbeat
+        vm-watchdog 10 wm --heartbeat /tmp/heartbeat 30 90 &
         page-hog --name h --mib 512 --passes 3 --order seq,rev,seq --mark 1:5:/tmp/deep \
-            --heartbeat 5 &
+            --heartbeat 5 --heartbeat-file /tmp/heartbeat &
         hog=$!
         # In its first re-stamp: every page has been in swap, swap-ins and swap-outs go on.
-        while [ ! -e /tmp/deep ]; do sleep 0.5; done
+        while [ ! -e /tmp/deep ]; do
+            kill -0 $hog 2>/dev/null || {{ set +e; wait $hog; echo "hog ended early: $?"; exit 1; }}
+            sleep 0.5
+        done
         echo "hog deep in swap: $(grep -E '^pswp(in|out) ' /proc/vmstat | tr '\n' ' ')"
         for k in 1 2 3 4 5; do
             p=$(primary)
@@ -81,6 +88,7 @@ fn standby_takes_over_after_kills_and_upgrades_under_a_hog_losing_nothing() {
         kill -0 $hog && echo "all done while the hog ran"
         set +e; wait $hog; rc=$?; set -e
         echo "hog-exit $rc"
+        rm /tmp/heartbeat
         vm_section last ublk-crypt status sb
         swapoff $dev
         ublk-crypt close sb
@@ -93,6 +101,7 @@ fn standby_takes_over_after_kills_and_upgrades_under_a_hog_losing_nothing() {
     let out = Vm::builder()
         .binary(ublk_crypt_tests::release_binary("ublk-crypt"))
         .binary(ublk_crypt_tests::release_binary("page-hog"))
+        .binary(ublk_crypt_tests::release_binary("vm-watchdog"))
         .host_tool("mkswap")
         .host_tool("swapon")
         .host_tool("swapoff")
