@@ -57,6 +57,13 @@ fn silent_guest_is_a_stall() {
             assert!(*silent_for >= Duration::from_secs(5));
             assert!(output.console.contains("going silent"));
             assert_eq!(output.exit_code, None);
+            // Before killing it, the host asked the guest (serial break + sysrq) for its
+            // blocked tasks and memory.
+            assert!(
+                output.console.contains("sysrq: Show Blocked State"),
+                "no blocked-task dump after the stall"
+            );
+            assert!(output.console.contains("sysrq: Show Memory"));
             // Boot (~4 s) + 5 s of silence: generous for a loaded CI host, far below the
             // 1000 s sleep. (`duration` counts from qemu's start, not from the lock wait.)
             assert!(

@@ -200,6 +200,11 @@ impl fmt::Display for VmError {
                 o.log.display(),
                 o.console_tail(TAIL_LINES)
             )?;
+            // Last, where a CI log's tail shows it: who waited on what.
+            let blocked = o.blocked_tasks();
+            if !blocked.is_empty() {
+                write!(f, "\n----- blocked tasks (last sysrq w) -----\n{blocked}")?;
+            }
         }
         Ok(())
     }

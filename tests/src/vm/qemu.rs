@@ -15,8 +15,11 @@ use std::process::{Command, Stdio};
 ///   seeing), the ~300 info lines of a boot do not, so they don't drown the test's output
 ///   or interleave with its sections. `dmesg` in the guest still has everything.
 /// * `edd=off`: skips a BIOS probe that costs time under TCG.
-pub(super) const KERNEL_ARGS: &str =
-    "console=ttyS0 panic=-1 oops=panic hung_task_panic=1 softlockup_panic=1 loglevel=5 edd=off";
+/// * `sysrq_always_enabled`: a serial break and a key reach the kernel's sysrq whatever
+///   `kernel.sysrq` says (Debian's default mask and systemd's leave out task dumps): on a stall
+///   the host asks for blocked tasks and memory that way (`supervisor.rs`).
+pub(super) const KERNEL_ARGS: &str = "console=ttyS0 panic=-1 oops=panic hung_task_panic=1 \
+     softlockup_panic=1 loglevel=5 edd=off sysrq_always_enabled";
 
 /// The guest userspace's glibc is told not to use AVX (passed to `/init`, and from it to every
 /// guest program, as an environment variable on the kernel command line). The guest CPU stays
@@ -70,7 +73,9 @@ pub(super) fn qemu_command(b: &VmBuilder, prep: &Prepared, interactive: bool) ->
     ])
     .args(["-smp", &b.cpus.to_string(), "-m", &b.memory_mib.to_string()])
     .args(["-no-reboot", "-display", "none"])
-    .args(["-serial", if interactive { "mon:stdio" } else { "stdio" }])
+    // The monitor multiplexed in: its Ctrl-A escapes include `b` (a serial break), which the
+    // supervisor sends on a stall. Nothing else is ever written to it.
+    .args(["-serial", "mon:stdio"])
     .arg("-kernel")
     .arg(&prep.env.kernel)
     .arg("-initrd")
@@ -100,7 +105,7 @@ pub(super) fn qemu_command(b: &VmBuilder, prep: &Prepared, interactive: bool) ->
         ]);
     }
     if !interactive {
-        cmd.stdin(Stdio::null())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
     }

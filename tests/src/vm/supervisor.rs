@@ -14,6 +14,14 @@ pub(super) const EXIT_GRACE: Duration = Duration::from_secs(15);
 /// The same for a [`VmBuilder::switch_root`] guest, which runs `systemctl poweroff`: every
 /// unit stops, swap included, under TCG.
 pub(super) const SYSTEMD_EXIT_GRACE: Duration = Duration::from_secs(90);
+/// On a stall, how long the guest gets to print the state the host asked for (sysrq over the
+/// serial port) before qemu is killed: until it has been quiet this long since the ask and its
+/// last line, at most [`STALL_DUMP_WAIT`].
+const STALL_DUMP_QUIET: Duration = Duration::from_secs(3);
+const STALL_DUMP_WAIT: Duration = Duration::from_secs(15);
+/// What the host asks for on a stall, each key after a serial break: console loglevel 8 (the
+/// dumps print at KERN_INFO, which `loglevel=5` hides), blocked tasks, memory.
+const STALL_SYSRQ: &[u8] = b"8wm";
 
 pub(super) enum Msg {
     Out(Vec<u8>),
@@ -53,6 +61,7 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
         .map_err(|e| VmError::Setup(format!("starting {}: {e}", prep.env.qemu.display())))?;
 
     let (tx, rx) = mpsc::channel();
+    let mut stdin = child.stdin.take();
     let mut out = child.stdout.take().unwrap();
     let txo = tx.clone();
     std::thread::spawn(move || {
@@ -84,6 +93,10 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
     let mut seen = Seen::default();
     let mut last_output = Instant::now();
     let mut end_by: Option<Instant> = None; // grace deadline after exit marker / panic
+
+    // The silence that made it a stall, once the host has asked the guest for its state.
+    let mut stalled: Option<Duration> = None;
+    let mut asked_at: Option<Instant> = None;
     enum Stop {
         Eof,
         Stall,
@@ -113,7 +126,11 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
     };
     let stop = loop {
         let now = Instant::now();
-        let mut deadline = (last_output + stall).min(start + timeout);
+        let mut deadline = start + timeout;
+        match asked_at {
+            None => deadline = deadline.min(last_output + stall),
+            Some(a) => deadline = deadline.min(a.max(last_output) + STALL_DUMP_QUIET),
+        }
         if let Some(g) = end_by {
             deadline = deadline.min(g);
         }
@@ -146,12 +163,27 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
             Ok(Msg::OutEof) | Err(mpsc::RecvTimeoutError::Disconnected) => break Stop::Eof,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();
-                if end_by.is_some_and(|g| now >= g) {
-                    break Stop::Grace;
+                if asked_at.is_some_and(|a| now >= a.max(last_output) + STALL_DUMP_QUIET) {
+                    break Stop::Stall;
+                } else if end_by.is_some_and(|g| now >= g) {
+                    break if stalled.is_some() {
+                        Stop::Stall
+                    } else {
+                        Stop::Grace
+                    };
                 } else if now >= start + timeout {
                     break Stop::Timeout;
-                } else if now >= last_output + stall {
-                    break Stop::Stall;
+                } else if stalled.is_none() && now >= last_output + stall {
+                    // A hung guest usually still takes interrupts: its blocked tasks are the
+                    // diagnosis, so ask for them before killing it.
+                    stalled = Some(now - last_output);
+                    match stdin.as_mut().map(ask_for_state) {
+                        Some(Ok(())) => {
+                            asked_at = Some(Instant::now());
+                            end_by = Some(Instant::now() + STALL_DUMP_WAIT);
+                        }
+                        _ => break Stop::Stall,
+                    }
                 }
             }
         }
@@ -160,7 +192,10 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
         let line = clean(&partial);
         emit(&line, &mut console, &mut seen);
     }
-    let silent_for = last_output.elapsed();
+    let silent_for = stalled.unwrap_or_else(|| last_output.elapsed());
+    // qemu ending while the guest was printing its state is still the stall.
+    let stop = if stalled.is_some() { Stop::Stall } else { stop };
+    drop(stdin);
     let status = match stop {
         Stop::Eof => child.wait().ok(),
         _ => {
@@ -208,6 +243,21 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
             output,
         }),
     }
+}
+
+/// Asks a stalled guest for its state: for each of [`STALL_SYSRQ`], a serial break (qemu's
+/// Ctrl-A b) and then the key, which the guest kernel takes as sysrq. The pauses let the guest
+/// take the break before the key arrives (a key in the same receive as the break is dropped).
+fn ask_for_state(stdin: &mut std::process::ChildStdin) -> io::Result<()> {
+    for &key in STALL_SYSRQ {
+        stdin.write_all(b"\x01b")?;
+        stdin.flush()?;
+        std::thread::sleep(Duration::from_millis(500));
+        stdin.write_all(&[key])?;
+        stdin.flush()?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
 }
 
 /// `Some(rest)` if `line` contains `@@NAME rest@@` (the marker may be preceded by kernel
