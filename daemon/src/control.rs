@@ -178,8 +178,11 @@ pub fn spawn(ctx: &'static DeviceContext) -> Result<()> {
         .name("ublk-crypt-ctl".into())
         .stack_size(hardening::THREAD_STACK_BYTES)
         .spawn(move || {
+            // `upgrade` runs on tokio's blocking thread: a small stack for it too (tokio's
+            // default is 2 MiB, which `MCL_FUTURE` would lock and populate mid-upgrade).
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .thread_stack_size(hardening::THREAD_STACK_BYTES)
                 .build()
             {
                 Ok(rt) => rt,

@@ -20,12 +20,16 @@ use nix::sys::mman::{mlockall, MlockAllFlags};
 /// `PR_SET_IO_FLUSHER` (linux/prctl.h, Linux 5.6); not in the libc crate.
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
-/// Stack size of every thread the daemon creates (queue and control threads). Small because
-/// `MCL_FUTURE` locks whole stacks; the IO path is shallow (no recursion, no large frames).
-pub const THREAD_STACK_BYTES: usize = 256 << 10;
+/// Stack size of every thread the daemon creates (queue, crypto, control, keeper threads, and
+/// the control plane's blocking thread). Small because `MCL_FUTURE` locks whole stacks; the IO
+/// path is shallow (no recursion, no large frames). Measured in the VM without `mlockall`
+/// (pages a stack really touched, 6.12): queue thread 20 KiB after 64 MiB written and read,
+/// crypto workers 12 KiB, control thread 12 KiB after `status --json`; 128 KiB is six times
+/// the deepest. It was 256 KiB: five threads' extra 128 KiB were 640 KiB of locked memory.
+pub const THREAD_STACK_BYTES: usize = 128 << 10;
 /// How much of its stack each IO thread touches up front, so no page fault happens on the IO
 /// path even if `MCL_FUTURE` were not populating.
-const PREFAULT_STACK_BYTES: usize = 128 << 10;
+const PREFAULT_STACK_BYTES: usize = 64 << 10;
 
 /// Which protections are on. All of them in production; the torture test switches them off to
 /// show which ones it exercises.

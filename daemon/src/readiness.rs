@@ -12,14 +12,25 @@ use crate::records;
 
 /// Logging of the non-IO threads, to stderr (`UBLK_CRYPT_LOG` filters, default `info`). The IO
 /// path logs to the kernel instead (`kernel_log.rs`).
+///
+/// The filter is `Targets` (`debug`, `warn,ublk_crypt::takeover=debug`), not `EnvFilter`:
+/// EnvFilter's span and field matching brings the regex crates, ~0.4 MiB of code and tables
+/// that `mlockall` would lock in every daemon and standby for a feature nobody uses here.
 pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UBLK_CRYPT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("UBLK_CRYPT_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
         )
+        .with(filter)
         .try_init();
 }
 
