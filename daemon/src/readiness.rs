@@ -13,7 +13,7 @@ use crate::records;
 /// Logging of the non-IO threads, to stderr (`UBLK_CRYPT_LOG` filters, default `info`). The IO
 /// path logs to the kernel instead (`kernel_log.rs`).
 ///
-/// The filter is `Targets` (`debug`, `warn,ublk_crypt::takeover=debug`), not `EnvFilter`:
+/// The filter is `Targets` (`debug`, `warn,ublk_crypt::keeper=debug`), not `EnvFilter`:
 /// EnvFilter's span and field matching brings the regex crates, ~0.4 MiB of code and tables
 /// that `mlockall` would lock in every daemon and standby for a feature nobody uses here.
 pub fn init_logging() {
