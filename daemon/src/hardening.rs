@@ -23,9 +23,9 @@ const PR_SET_IO_FLUSHER: libc::c_int = 57;
 /// Stack size of every thread the daemon creates (queue, crypto, control, keeper threads, and
 /// the control plane's blocking thread). Small because `MCL_FUTURE` locks whole stacks; the IO
 /// path is shallow (no recursion, no large frames). Measured in the VM without `mlockall`
-/// (pages a stack really touched, 6.12): queue thread 20 KiB after 64 MiB written and read,
-/// crypto workers 12 KiB, control thread 12 KiB after `status --json`; 128 KiB is six times
-/// the deepest. It was 256 KiB: five threads' extra 128 KiB were 640 KiB of locked memory.
+/// (pages a stack really touched, 6.12, after fio writes and reads, `status`, `upgrade`): queue
+/// thread 16–20 KiB, crypto workers and control thread 12 KiB, keeper 8 KiB; 128 KiB is six
+/// times the deepest. It was 256 KiB: five threads' extra 128 KiB were 640 KiB of locked memory.
 pub const THREAD_STACK_BYTES: usize = 128 << 10;
 /// How much of its stack each IO thread touches up front, so no page fault happens on the IO
 /// path even if `MCL_FUTURE` were not populating.

@@ -93,10 +93,9 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
     let mut seen = Seen::default();
     let mut last_output = Instant::now();
     let mut end_by: Option<Instant> = None; // grace deadline after exit marker / panic
-
-    // The silence that made it a stall, once the host has asked the guest for its state.
-    let mut stalled: Option<Duration> = None;
-    let mut asked_at: Option<Instant> = None;
+                                            // Once the guest was silent past the stall timeout: that silence, and when the host asked
+                                            // it for its state (the run then ends as a stall, whatever else happens).
+    let mut stalled: Option<(Duration, Instant)> = None;
     enum Stop {
         Eof,
         Stall,
@@ -126,11 +125,10 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
     };
     let stop = loop {
         let now = Instant::now();
-        let mut deadline = start + timeout;
-        match asked_at {
-            None => deadline = deadline.min(last_output + stall),
-            Some(a) => deadline = deadline.min(a.max(last_output) + STALL_DUMP_QUIET),
-        }
+        let mut deadline = (start + timeout).min(match stalled {
+            None => last_output + stall,
+            Some((_, asked)) => dump_done(asked, last_output),
+        });
         if let Some(g) = end_by {
             deadline = deadline.min(g);
         }
@@ -163,26 +161,20 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
             Ok(Msg::OutEof) | Err(mpsc::RecvTimeoutError::Disconnected) => break Stop::Eof,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();
-                if asked_at.is_some_and(|a| now >= a.max(last_output) + STALL_DUMP_QUIET) {
+                if stalled.is_some_and(|(_, asked)| now >= dump_done(asked, last_output)) {
                     break Stop::Stall;
                 } else if end_by.is_some_and(|g| now >= g) {
-                    break if stalled.is_some() {
-                        Stop::Stall
-                    } else {
-                        Stop::Grace
-                    };
+                    break Stop::Grace;
                 } else if now >= start + timeout {
                     break Stop::Timeout;
                 } else if stalled.is_none() && now >= last_output + stall {
                     // A hung guest usually still takes interrupts: its blocked tasks are the
                     // diagnosis, so ask for them before killing it.
-                    stalled = Some(now - last_output);
-                    match stdin.as_mut().map(ask_for_state) {
-                        Some(Ok(())) => {
-                            asked_at = Some(Instant::now());
-                            end_by = Some(Instant::now() + STALL_DUMP_WAIT);
-                        }
-                        _ => break Stop::Stall,
+                    let silence = now - last_output;
+                    let asked = stdin.as_mut().map(ask_for_state);
+                    stalled = Some((silence, Instant::now()));
+                    if !matches!(asked, Some(Ok(()))) {
+                        break Stop::Stall;
                     }
                 }
             }
@@ -192,7 +184,7 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
         let line = clean(&partial);
         emit(&line, &mut console, &mut seen);
     }
-    let silent_for = stalled.unwrap_or_else(|| last_output.elapsed());
+    let silent_for = stalled.map_or_else(|| last_output.elapsed(), |(silence, _)| silence);
     // qemu ending while the guest was printing its state is still the stall.
     let stop = if stalled.is_some() { Stop::Stall } else { stop };
     drop(stdin);
@@ -243,6 +235,12 @@ pub(super) fn supervise(b: &VmBuilder, prep: Prepared) -> Result<VmOutput, VmErr
             output,
         }),
     }
+}
+
+/// When a stalled guest asked at `asked` is done printing: quiet [`STALL_DUMP_QUIET`] since the
+/// ask and its last line, or [`STALL_DUMP_WAIT`] after the ask.
+fn dump_done(asked: Instant, last_output: Instant) -> Instant {
+    (asked.max(last_output) + STALL_DUMP_QUIET).min(asked + STALL_DUMP_WAIT)
 }
 
 /// Asks a stalled guest for its state: for each of [`STALL_SYSRQ`], a serial break (qemu's
